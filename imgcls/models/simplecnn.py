@@ -1,0 +1,33 @@
+"""A small CNN trained from scratch: a fast baseline and the model the tests train."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from imgcls.models.registry import classifier_head, register_model
+
+
+class SimpleCNN(nn.Module):
+    """Three conv-BN-ReLU-maxpool blocks of `width`, 2*width and 4*width channels, global average
+    pooling, dropout and a linear head (about 93k parameters at width 32)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = classifier_head(channels, num_classes, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+@register_model("simplecnn", min_image_size=8, why="three 2x max-pools")
+def simplecnn(num_classes: int, in_channels: int, dropout: float) -> nn.Module:
+    return SimpleCNN(in_channels, num_classes, dropout=dropout)
