@@ -1,0 +1,214 @@
+"""StudySpec: a study file (studies/NAME.yaml) merged with command-line overrides, validated once.
+
+Precedence: code defaults < study file < command-line flags < the values a trial samples.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hpo.space import Scalar, SearchSpace, SpaceError
+from imgcls.data import DataConfig
+from imgcls.errors import ConfigError
+from imgcls.metrics import Direction, metric_direction
+from imgcls.models import MODELS, check_image_size
+from imgcls.train import OPTIMIZERS
+
+BUNDLED_STUDIES = Path(__file__).parent / "studies"
+
+
+class StudyError(ConfigError):
+    """A study that cannot be found, read or validated."""
+
+
+class HParams(BaseModel):
+    """One trial's hyperparameters. Every name a search space may use, under its flag name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(0.01, gt=0)  # learning rate (too high diverges: the trial fails, told so)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum; Adam's beta1
+    batch_size: int = Field(64, ge=1, le=65536)
+    arch: str = "simplecnn"  # a name in imgcls.models.MODELS
+    optimizer: str = "sgd"  # sgd, adam or adamw
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # before the classifier head
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    hflip: float = Field(0.5, ge=0, le=1)  # probability of a left-right flip per training image
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(MODELS.unknown_message(value))
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(OPTIMIZERS.unknown_message(value))
+        return value
+
+    @classmethod
+    def kinds(cls) -> dict[str, type]:
+        """Each field's Python type: how a SPEC for it is read."""
+        return {name: typing.get_origin(f.annotation) or f.annotation  # type: ignore[misc]
+                for name, f in cls.model_fields.items()}
+
+    @classmethod
+    def check_value(cls, name: str, value: Scalar) -> None:
+        """Raise SpaceError when `value` is not allowed for hyperparameter `name`."""
+        try:
+            cls.model_validate({name: value})
+        except ValidationError as exc:
+            raise SpaceError(f"{name}: {first_error(exc, with_field=False)}") from None
+
+
+class StudySpec(BaseModel):
+    """Everything a search needs, validated. Built by `load_study`."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    data: DataConfig
+    objective: str = "val_f1"  # a validation metric; its direction is implied
+    trials: int = Field(20, ge=1)  # finished trials wanted in total, over every run of `search`
+    max_epochs: int = Field(10, ge=1)
+    patience: int | None = Field(3, ge=1)  # None: never stop early
+    seed: int = Field(0, ge=0)  # the split, the sampler, and each trial's initialisation
+    sampler: str = "tpe"
+    pruner: str = "median"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    backend: Literal["optuna"] = "optuna"
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        metric_direction(value)  # raises listing the valid names
+        return value
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _parse_space(cls, value: Any) -> SearchSpace:
+        if isinstance(value, SearchSpace):
+            return value
+        if value is None:
+            return SearchSpace()
+        if not isinstance(value, Mapping):
+            raise ValueError("space must map hyperparameter names to SPECs")
+        space = SearchSpace.parse(value, HParams.kinds())
+        space.check(HParams.check_value)
+        return space
+
+    @model_validator(mode="after")
+    def _architectures_fit_the_images(self) -> StudySpec:
+        if "arch" in self.space:
+            for arch in self.space.values("arch"):
+                check_image_size(str(arch), self.data.image_size)
+        else:
+            check_image_size(HParams().arch, self.data.image_size)
+        return self
+
+    @property
+    def direction(self) -> Direction:
+        return metric_direction(self.objective)
+
+    def trial_params(self, sampled: Mapping[str, Scalar]) -> HParams:
+        """Defaults < the space's fixed values < the sampled values, validated."""
+        return HParams(**{**self.space.fixed_values(), **sampled})
+
+    def as_params(self) -> dict[str, str]:
+        """The spec flattened to text, for MLflow params: settings, then `space.<name>`."""
+        out: dict[str, str] = {}
+        for key, value in self.model_dump(exclude={"space", "data", "trials"}).items():
+            out[key] = "" if value is None else str(value)
+        for key, value in self.data.model_dump().items():
+            out[f"data.{key}"] = "" if value is None else str(value)
+        for key, spec in self.space.describe().items():
+            out[f"space.{key}"] = spec
+        return out
+
+
+def known_studies() -> list[str]:
+    names = {p.stem for d in _study_dirs() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def _study_dirs() -> list[Path]:
+    return [d for d in (Path.cwd() / "studies", BUNDLED_STUDIES) if d.is_dir()]
+
+
+def find_study(name_or_path: str) -> Path:
+    """A path to a YAML file, or a name under ./studies (then the studies shipped with hpo)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not path.is_file():
+            raise StudyError(f"study file not found: {path}")
+        return path
+    for directory in _study_dirs():
+        candidate = directory / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(known_studies()) or "none"
+    raise StudyError(
+        f"unknown study {name_or_path!r} (known: {known}); or give a path to a YAML file"
+    )
+
+
+def load_study(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> StudySpec:
+    """Read a study and apply overrides: {"trials": 5, "data.path": "...", "space.lr": "..."}."""
+    path = find_study(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: a study file must be a mapping of settings")
+    raw.setdefault("name", path.stem)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        if field:
+            target = raw.get(section)
+            if target is None:
+                target = raw[section] = {}
+            if not isinstance(target, dict):
+                raise StudyError(f"{path}: {section} must be a mapping")
+            target[field] = value
+        else:
+            raw[key] = value
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyError(f"study {raw['name']!r}: {first_error(exc)}") from None
+    except ConfigError as exc:  # raised by a validator that names its own field
+        raise StudyError(f"study {raw['name']!r}: {exc}") from None
+
+
+def first_error(exc: ValidationError, with_field: bool = True) -> str:
+    """One line for the first problem pydantic found (the rest follow from fixing it)."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("value_error", "missing", "assertion_error"):
+        message += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    tail = f"; and {more} more problem(s)" if more else ""
+    return f"{where}: {message}{tail}" if with_field and where else message + tail

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from hpo.space import FloatRange, IntRange
+from hpo.study import HParams, StudyError, find_study, known_studies, load_study
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_study_loads(name: str, tmp_path: Path) -> None:
+    spec = load_study(name, {"data.path": str(tmp_path)})
+    assert spec.name == name
+    assert spec.objective == "val_f1"
+    for required in ("lr", "momentum", "batch_size", "arch", "weight_decay", "dropout"):
+        assert spec.space[required] in spec.space.searched, required
+
+
+def test_shipped_studies_are_found_from_any_folder() -> None:
+    # the tests run in a temporary folder with no ./studies: the studies shipped with hpo serve
+    assert {"digits", "tb"} <= set(known_studies())
+    assert find_study("digits").name == "digits.yaml"
+
+
+def test_command_line_overrides_the_study_file(study_file: Path) -> None:
+    spec = load_study(str(study_file), {"trials": 7, "data.image_size": 24,
+                                        "space.lr": "0.001..0.01", "space.batch_size": "2..6"})
+    assert spec.trials == 7
+    assert spec.data.image_size == 24
+    assert spec.space["lr"] == FloatRange("lr", 0.001, 0.01)
+    assert spec.space["batch_size"] == IntRange("batch_size", 2, 6)
+    assert spec.space["arch"].value == "simplecnn"  # untouched entries stay
+
+
+def test_trial_values_override_fixed_ones_and_defaults(study_file: Path) -> None:
+    spec = load_study(str(study_file))
+    hp = spec.trial_params({"lr": 0.05, "batch_size": 8})
+    assert (hp.lr, hp.batch_size, hp.momentum, hp.hflip) == (0.05, 8, 0.9, 0.5)
+    assert hp.weight_decay == HParams().weight_decay  # not in the space: the default
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"space.dropout": "0..1.5"}, "dropout: Input should be less than 1"),
+    ({"space.lr": "-1..0.1"}, "lr: Input should be greater than 0"),
+    ({"space.arch": "resnet18,resnet19"}, "unknown architecture 'resnet19'"),
+    ({"space.optimizer": "sgdd"}, "unknown optimizer 'sgdd'"),
+    ({"objective": "val_f2"}, "unknown objective metric 'val_f2' (valid: val_loss"),
+    ({"space.arch": "vgg11_bn"}, "vgg11_bn needs images of at least 32px"),
+    ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+    ({"space.nope": "1"}, "unknown hyperparameter 'nope'"),
+])
+def test_impossible_settings_fail_before_anything_runs(study_file: Path, overrides: dict,
+                                                       message: str) -> None:
+    with pytest.raises(StudyError) as err:
+        load_study(str(study_file), overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_study_lists_the_known_ones() -> None:
+    with pytest.raises(StudyError, match=r"unknown study 'digitz' \(known: .*digits"):
+        find_study("digitz")
+
+
+def test_a_study_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(StudyError, match="must be a mapping"):
+        load_study(str(bad))
