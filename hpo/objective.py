@@ -1,0 +1,221 @@
+"""THE trial: sampled values -> imgcls training -> per-epoch reports -> an outcome.
+
+Every backend calls `run_trial`; backends differ only in how they sample values and decide
+pruning. Each trial ends told: COMPLETE, PRUNED, or FAIL with a reason. A failure is recorded and
+returned, never raised, so that the study goes on; only an interrupt (Ctrl-C) propagates, after
+the trial's run is closed as KILLED with reason "interrupted".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from hpo.space import Scalar
+from hpo.study import HParams, StudySpec, first_error
+from hpo.tracking import Tracker, TrialRun
+from imgcls.data import PreparedData
+from imgcls.errors import ImgclsError
+from imgcls.metrics import confusion_matrix, plot_confusion_matrix
+from imgcls.models import build_model
+from imgcls.profile import profile_model
+from imgcls.train import Diverged, FitResult, TrainConfig, fit, seed_everything
+
+TrialState = Literal["COMPLETE", "PRUNED", "FAIL"]
+ShouldPrune = Callable[[int, float], bool]  # (epoch, objective value) -> stop this trial now?
+EpochObserver = Callable[[int, int, Mapping[str, float]], None]  # (trial, epoch, metrics)
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted"
+EVAL_BATCH_SIZE = 256  # evaluation keeps no activations for backward: larger batches are cheap
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    params: dict[str, Scalar]  # every hyperparameter the trial trained with
+    state: TrialState
+    value: float | None = None  # the best epoch's objective value
+    best_epoch: int = 0
+    epochs: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the best epoch's metrics
+    fail_reason: str | None = None
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class StudyContext:
+    """What every trial of a study shares, prepared once per `search`."""
+
+    spec: StudySpec
+    data: PreparedData
+    device: torch.device
+    tracker: Tracker | None = None  # None: no tracking (benchmarks of the bare training path)
+    experiment_id: str = ""
+    study_run_id: str = ""
+
+    def trial_settings(self, number: int) -> dict[str, Any]:
+        """The fixed settings a trial logs beside its hyperparameters."""
+        spec, data = self.spec, self.data.config
+        return {
+            "objective": spec.objective, "max_epochs": spec.max_epochs,
+            "patience": spec.patience, "seed": trial_seed(spec.seed, number),
+            "image_size": data.image_size, "channels": data.channels,
+            "normalize": data.normalize, "num_classes": self.data.num_classes,
+            "device": str(self.device),
+        }
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """Each trial its own reproducible initialisation and batch order."""
+    return study_seed * 100_003 + number
+
+
+def failure_reason(exc: BaseException, hp: HParams | None) -> str:
+    """One line a user can act on."""
+    if isinstance(exc, Diverged | ImgclsError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return f"invalid hyperparameters: {first_error(exc)}"
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and hp is not None:
+        return (f"CUDA out of memory with arch={hp.arch}, batch_size={hp.batch_size}; "
+                "search smaller batch sizes or run fewer trials per GPU")
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else 'no message'}"[:500]
+
+
+def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
+              should_prune: ShouldPrune | None = None,
+              on_epoch: EpochObserver | None = None) -> TrialOutcome:
+    start = time.perf_counter()
+    spec, data = ctx.spec, ctx.data
+    outcome = TrialOutcome(number, dict(sampled), "FAIL")
+    run: TrialRun | None = None
+    hp: HParams | None = None
+    try:
+        hp = spec.trial_params(sampled)
+        outcome.params = hp.model_dump()
+        if ctx.tracker is not None:
+            run = ctx.tracker.start_trial(ctx.experiment_id, ctx.study_run_id, spec.name, number,
+                                          {**outcome.params, **ctx.trial_settings(number)})
+            outcome.run_id = run.run_id
+        result, model = _train(ctx, number, hp, run, should_prune, on_epoch)
+        outcome.epochs = result.epochs
+        if result.best_epoch == 0:
+            raise RuntimeError(f"no epoch gave a finite {spec.objective}")
+        outcome.best_epoch = result.best_epoch
+        outcome.metrics = result.best_metrics
+        outcome.value = result.best_metrics[spec.objective]
+        pruned = result.stop_reason.startswith("pruned")
+        outcome.state = "PRUNED" if pruned else "COMPLETE"
+        if run is not None:
+            _log_summary(ctx, run, result)
+            if pruned:
+                run.finish("PRUNED")
+            else:
+                run.finish_with_model(model.cpu(), _input_example(data), _model_metadata(ctx, hp))
+    except KeyboardInterrupt:
+        outcome.fail_reason = INTERRUPTED
+        if run is not None:
+            _quietly(run.finish, "FAIL", INTERRUPTED, "KILLED")
+        raise
+    except Exception as exc:
+        outcome.state, outcome.fail_reason = "FAIL", failure_reason(exc, hp)
+        if run is not None:
+            _quietly(run.log_text, traceback.format_exc(), "error.txt")
+            _quietly(run.finish, "FAIL", outcome.fail_reason)
+    finally:
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
+        outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
+           should_prune: ShouldPrune | None, on_epoch: EpochObserver | None
+           ) -> tuple[FitResult, torch.nn.Module]:
+    spec, data = ctx.spec, ctx.data
+    seed = trial_seed(spec.seed, number)
+    seed_everything(seed)
+    model = build_model(hp.arch, data.num_classes, data.in_channels, hp.dropout,
+                        data.config.image_size)
+    profile = profile_model(model, hp.arch, data.in_channels, data.config.image_size)
+    model = model.to(ctx.device)
+    if run is not None:
+        run.log_metrics({"params_count": profile.params, "flops": profile.flops,
+                         "macs": profile.macs})
+    train = data.batches("train", hp.batch_size, hflip=hp.hflip, seed=seed, device=ctx.device)
+    val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device)
+    config = TrainConfig(optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum,
+                         weight_decay=hp.weight_decay, label_smoothing=hp.label_smoothing,
+                         max_epochs=spec.max_epochs, patience=spec.patience,
+                         monitor=spec.objective)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> str | None:
+        if run is not None:
+            run.log_metrics(metrics, step=epoch)
+        if on_epoch is not None:
+            on_epoch(number, epoch, metrics)
+        if should_prune is not None and should_prune(epoch, metrics[spec.objective]):
+            return f"pruned at epoch {epoch}"
+        return None
+
+    started = time.perf_counter()
+    result = fit(model, train, val, config, data.num_classes, on_epoch_end)
+    if run is not None:
+        run.log_metrics({"train_seconds": time.perf_counter() - started})
+    return result, model
+
+
+def _log_summary(ctx: StudyContext, run: TrialRun, result: FitResult) -> None:
+    objective = ctx.spec.objective
+    val_losses = [h["val_loss"] for h in result.history if h["val_loss"] == h["val_loss"]]
+    summary = {f"best_{objective}": result.best_metrics[objective],
+               "best_epoch": result.best_epoch, "epochs": result.epochs}
+    if val_losses:
+        summary["min_val_loss"] = min(val_losses)
+    run.log_metrics(summary)
+    evaluation = result.best_evaluation
+    if evaluation is not None:
+        matrix = confusion_matrix(evaluation.y_true, evaluation.y_pred, ctx.data.num_classes)
+        title = f"validation, epoch {result.best_epoch}: {objective} = " \
+                f"{result.best_metrics[objective]:.4f}"
+        run.log_figure(plot_confusion_matrix(matrix, list(ctx.data.classes), title),
+                       "confusion_matrix.png")
+
+
+def _input_example(data: PreparedData) -> np.ndarray:
+    """Two of the study's images, preprocessed as the model sees them (two, so that the
+    exported graph keeps a dynamic batch dimension)."""
+    shape = (1, data.in_channels, 1, 1)
+    x = data.images[:2].float().div(255)
+    x = (x - torch.tensor(data.mean).view(shape)) / torch.tensor(data.std).view(shape)
+    return x.numpy().astype(np.float32)
+
+
+def _model_metadata(ctx: StudyContext, hp: HParams) -> dict[str, Any]:
+    """What predicting needs besides the weights: the model's input contract."""
+    config = ctx.data.config
+    return {"imgcls": {
+        "arch": hp.arch, "classes": list(ctx.data.classes), "image_size": config.image_size,
+        "channels": config.channels, "normalize": config.normalize,
+        "mean": list(ctx.data.mean), "std": list(ctx.data.std),
+    }}
+
+
+def _quietly(record: Callable[..., None], *args: Any) -> None:
+    """Record a failure; if tracking fails too, warn, but keep the trial's own reason."""
+    try:
+        record(*args)
+    except Exception as exc:
+        log.warning("could not record the trial's failure in MLflow: %s", exc)

@@ -1,0 +1,109 @@
+"""A whole search: validate, prepare the data once, open the study in the backend and in
+MLflow, run trials until the study holds `--trials` finished ones, record the summary.
+
+Running it again on the same study and store resumes: the backend's storage keeps the trials,
+and the study's MLflow run is found through the run id the backend study keeps.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpo.backends import NullObserver, SearchObserver, get_backend
+from hpo.objective import StudyContext, TrialOutcome
+from hpo.store import Store
+from hpo.study import StudySpec
+from hpo.tracking import Tracker
+from imgcls.data import PreparedData, prepare_data
+from imgcls.data.cache import Progress
+from imgcls.train import resolve_device
+
+STUDY_RUN_ATTR = "mlflow_run_id"  # the backend study's link to its MLflow parent run
+
+
+@dataclass
+class SearchResult:
+    spec: StudySpec
+    trials: list[TrialOutcome]
+    experiment_id: str = ""
+    study_run_id: str = ""
+    changed_settings: list[str] = field(default_factory=list)
+
+    def counts(self) -> Counter[str]:
+        return Counter(t.state for t in self.trials)
+
+    def ranked(self) -> list[TrialOutcome]:
+        """COMPLETE trials, best first."""
+        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
+        return sorted(done, key=lambda t: t.value, reverse=self.spec.direction == "max")  # type: ignore[arg-type,return-value]
+
+    @property
+    def best(self) -> TrialOutcome | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+
+def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = None,
+               data_progress: Progress | None = None) -> SearchResult:
+    observer = observer or NullObserver()
+    backend = get_backend(spec.backend)
+    backend.check(spec)  # a bad sampler or pruner fails before any image is read
+    device = resolve_device(spec.device)
+    data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
+    store.create()  # after the data is known to be usable: bad input leaves nothing behind
+    study = backend.open(spec, store)
+
+    tracker = Tracker(store.tracking_uri, store.artifact_root if store.tracking_is_local else None)
+    experiment_id = tracker.experiment(spec.name)
+    run_id, changed = tracker.open_study_run(
+        experiment_id, spec.name, study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data)
+    )
+    study.set_attr(STUDY_RUN_ATTR, run_id)
+    tracker.set_tags(run_id, {"imgcls_hpo.trials_target": spec.trials,
+                              "imgcls_hpo.backend": backend.name,
+                              "imgcls_hpo.storage": store.describe_storage()})
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(run_id, data.split.write_csv(Path(tmp) / "split.csv", data.catalog))
+
+    ctx = StudyContext(spec, data, device, tracker, experiment_id, run_id)
+    observer.study_started(spec, data, study.trials())
+    status = "FAILED"
+    try:
+        study.optimize(ctx, observer)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        trials = study.trials()
+        try:
+            _log_study_summary(tracker, run_id, spec, trials)
+        finally:
+            tracker.end_run(run_id, status)
+    return SearchResult(spec, trials, experiment_id, run_id, changed)
+
+
+def _study_params(spec: StudySpec, data: PreparedData) -> dict[str, str]:
+    counts = data.split.counts()
+    return {
+        **spec.as_params(),
+        "data.fingerprint": data.catalog.fingerprint[:16],
+        "data.classes": ",".join(data.classes),
+        **{f"data.{name}_images": str(n) for name, n in counts.items()},
+    }
+
+
+def _log_study_summary(tracker: Tracker, run_id: str, spec: StudySpec,
+                       trials: list[TrialOutcome]) -> None:
+    result = SearchResult(spec, trials)
+    counts = result.counts()
+    tracker.log_metrics(run_id, {f"trials_{state.lower()}": counts.get(state, 0)
+                                 for state in ("COMPLETE", "PRUNED", "FAIL")})
+    best = result.best
+    if best is not None and best.value is not None:
+        tracker.log_metrics(run_id, {f"best_{spec.objective}": best.value})
+        tracker.set_tags(run_id, {"imgcls_hpo.best_trial": best.number,
+                                  "imgcls_hpo.best_run_id": best.run_id or ""})

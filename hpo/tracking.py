@@ -1,0 +1,220 @@
+"""Every MLflow call of the project. An explicit MlflowClient per tracking URI, no global run.
+
+Layout (a contract other commands and users rely on):
+- one experiment per study, named after it;
+- one parent run per study (tag imgcls_hpo.role=study): the study settings and search space as
+  params, the split as split.csv;
+- one nested run per trial (tags imgcls_hpo.role=trial, imgcls_hpo.trial_number,
+  imgcls_hpo.state = COMPLETE | PRUNED | FAIL, imgcls_hpo.fail_reason): its hyperparameters and
+  fixed settings as params, per-epoch metrics with step=epoch, the best epoch's summary metrics,
+  the confusion matrix, and for COMPLETE trials the model as `model` (pytorch flavor, pt2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgcls.errors import ImgclsError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+TAG_ROLE = "imgcls_hpo.role"
+TAG_STUDY = "imgcls_hpo.study"
+TAG_TRIAL = "imgcls_hpo.trial_number"
+TAG_STATE = "imgcls_hpo.state"
+TAG_FAIL_REASON = "imgcls_hpo.fail_reason"
+MODEL_NAME = "model"
+
+# How a trial's end shows in MLflow's own run status.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "RUNNING": "RUNNING"}
+
+
+class TrackingError(ImgclsError):
+    """The tracking store cannot be used as asked (e.g. the study's experiment was deleted)."""
+
+
+def quiet_mlflow() -> None:
+    """No progress bars and no INFO chatter (database migrations, model logging notes)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow.<flavor>.log_model reads the global tracking URI; set it for the call only."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  (None unsets it again)
+
+
+class Tracker:
+    """MLflow for one tracking URI. `artifact_root` is where new experiments keep their
+    artifacts when tracking is local (a tracking server chooses for itself)."""
+
+    def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
+        from mlflow import MlflowClient
+
+        quiet_mlflow()
+        self.uri = tracking_uri
+        self.artifact_root = artifact_root
+        self.client: MlflowClient = MlflowClient(tracking_uri)
+
+    # -- experiments and the study run ---------------------------------------------------------
+
+    def experiment(self, name: str) -> str:
+        """The id of the study's experiment, created on first use."""
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            if existing.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"the MLflow experiment {name!r} was deleted; restore it in the MLflow UI, "
+                    "or remove it for good with `mlflow gc`, then run again"
+                )
+            return existing.experiment_id
+        location = (self.artifact_root / name).as_uri() if self.artifact_root else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def find_run(self, run_id: str | None, experiment_id: str) -> str | None:
+        """`run_id` if it is a live run of that experiment in this store, else None."""
+        if not run_id:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+        return run_id if ok else None
+
+    def open_study_run(self, experiment_id: str, study: str, run_id: str | None,
+                       params: Mapping[str, str]) -> tuple[str, list[str]]:
+        """Resume the study's run, or start it. Returns the run id and the settings whose value
+        differs from the one the run recorded first (MLflow params are write-once)."""
+        run_id = self.find_run(run_id, experiment_id)
+        if run_id is None:
+            run = self.client.create_run(
+                experiment_id, run_name=study, tags={TAG_ROLE: "study", TAG_STUDY: study}
+            )
+            run_id = run.info.run_id
+            self.log_params(run_id, params)
+            return run_id, []
+        self.client.update_run(run_id, status="RUNNING")
+        logged = self.client.get_run(run_id).data.params
+        changed = [k for k, v in params.items() if k in logged and logged[k] != v]
+        self.log_params(run_id, {k: v for k, v in params.items() if k not in logged})
+        return run_id, changed
+
+    # -- generic logging -----------------------------------------------------------------------
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, "" if v is None else str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+                    ) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_figure(self, run_id: str, figure: Figure, name: str) -> None:
+        self.client.log_figure(run_id, figure, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+    # -- trials --------------------------------------------------------------------------------
+
+    def start_trial(self, experiment_id: str, study_run_id: str, study: str, number: int,
+                    params: Mapping[str, Any]) -> TrialRun:
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"trial-{number:03d}",
+            tags={
+                "mlflow.parentRunId": study_run_id,
+                TAG_ROLE: "trial",
+                TAG_STUDY: study,
+                TAG_TRIAL: str(number),
+                TAG_STATE: "RUNNING",
+            },
+        )
+        trial = TrialRun(self, run.info.run_id)
+        self.log_params(trial.run_id, params)
+        return trial
+
+
+class TrialRun:
+    """One trial's MLflow run."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        self.tracker.log_figure(self.run_id, figure, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.tracker.log_text(self.run_id, text, name)
+
+    def finish(self, state: str, reason: str | None = None, status: str | None = None) -> None:
+        """Record how the trial ended and close the run (status: MLflow's, if not implied)."""
+        tags = {TAG_STATE: state}
+        if reason:
+            tags[TAG_FAIL_REASON] = reason[:5000]
+        self.tracker.set_tags(self.run_id, tags)
+        self.tracker.end_run(self.run_id, status or RUN_STATUS[state])
+
+    def finish_with_model(self, model: torch.nn.Module, input_example: np.ndarray,
+                          metadata: Mapping[str, Any]) -> None:
+        """Log the model (pt2: a traced graph that runs no code when loaded) and close the run
+        as COMPLETE. `metadata` travels in the MLmodel file: what predicting needs besides the
+        weights (classes, image size, channels, normalization)."""
+        import mlflow
+        import torch
+
+        self.tracker.set_tags(self.run_id, {TAG_STATE: "COMPLETE"})
+        version = torch.__version__.split("+")[0]
+        # Naming the requirement saves MLflow from loading the model in a subprocess to guess it.
+        with _fluent_tracking_uri(self.tracker.uri), mlflow.start_run(run_id=self.run_id):
+            # start_run makes the run active so that the logged model joins its experiment; the
+            # block's end closes the run FINISHED (or FAILED if logging raises).
+            mlflow.pytorch.log_model(
+                model.eval(), name=MODEL_NAME, input_example=input_example,
+                pip_requirements=[f"torch=={version}"], metadata=dict(metadata),
+            )
