@@ -1,0 +1,245 @@
+"""The `imgcls-hpo` command line. Thin: it parses, calls hpo's modules, and renders.
+
+Exit codes: 0 success; 2 bad input (one line naming the problem, no traceback); 1 anything
+unexpected (with its traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from imgcls.errors import ImgclsError
+
+app = typer.Typer(
+    name="imgcls-hpo", no_args_is_help=True, add_completion=False,
+    help="Experiment-tracked hyperparameter search for image classification.",
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Print an ImgclsError as one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImgclsError as exc:
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Options shared by every command that reads or writes the store.
+StoreOpt = typer.Option(None, "--store", envvar="IMGCLS_HPO_STORE", show_default="./mlruns",
+                        help="Folder of the MLflow database, artifacts, Optuna journal, cache.")
+TrackingOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                           help="MLflow tracking URI (a server, or a database) instead of the "
+                                "store's mlflow.db.")
+StorageOpt = typer.Option(None, "--storage",
+                          help="Optuna storage URL (e.g. sqlite:///optuna.db, postgresql://...) "
+                               "instead of the store's journal file.")
+
+
+def _spec_option(flag: str, what: str) -> Any:
+    return typer.Option(None, flag, metavar="SPEC", help=f"{what}: LOW..HIGH, LOW..HIGH:log, "
+                        "A,B,C or a fixed value.", rich_help_panel="Search space")
+
+
+@app.command()
+@user_errors
+def search(
+    study: str = typer.Argument(..., help="A study name under ./studies, or a YAML file."),
+    trials: int | None = typer.Option(None, "--trials", help="Finished trials wanted in total."),
+    max_epochs: int | None = typer.Option(None, "--max-epochs"),
+    patience: int | None = typer.Option(None, "--patience",
+                                        help="Epochs without improvement before a trial stops."),
+    seed: int | None = typer.Option(None, "--seed"),
+    image_size: int | None = typer.Option(None, "--image-size"),
+    data: Path | None = typer.Option(None, "--data", help="The data folder."),
+    objective: str | None = typer.Option(None, "--objective",
+                                         help="val_f1, val_acc or val_loss."),
+    sampler: str | None = typer.Option(None, "--sampler", help="tpe or random."),
+    pruner: str | None = typer.Option(None, "--pruner", help="median or none."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    lr: str | None = _spec_option("--lr", "Learning rate"),
+    momentum: str | None = _spec_option("--momentum", "SGD momentum / Adam beta1"),
+    batch_size: str | None = _spec_option("--batch-size", "Batch size"),
+    arch: str | None = _spec_option("--arch", "Architecture"),
+    weight_decay: str | None = _spec_option("--weight-decay", "Weight decay"),
+    dropout: str | None = _spec_option("--dropout", "Dropout before the head"),
+    label_smoothing: str | None = _spec_option("--label-smoothing", "Label smoothing"),
+    param: list[str] | None = typer.Option(None, "--param", metavar="NAME=SPEC",
+                                           help="Any other hyperparameter (optimizer, hflip).",
+                                           rich_help_panel="Search space"),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+    storage: str | None = StorageOpt,
+) -> None:
+    """Run (or resume) a hyperparameter search; every trial is tracked in MLflow."""
+    from hpo.progress import SearchProgress, summary_table
+    from hpo.search import run_search
+    from hpo.space import SpaceError
+    from hpo.store import Store
+    from hpo.study import load_study
+
+    overrides: dict[str, Any] = {
+        "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
+        "objective": objective, "sampler": sampler, "pruner": pruner, "device": device,
+        "data.image_size": image_size, "data.path": str(data) if data else None,
+        "space.lr": lr, "space.momentum": momentum, "space.batch_size": batch_size,
+        "space.arch": arch, "space.weight_decay": weight_decay, "space.dropout": dropout,
+        "space.label_smoothing": label_smoothing,
+    }
+    for item in param or []:
+        name, sep, spec_text = item.partition("=")
+        if not sep or not name.strip():
+            raise SpaceError(f"--param {item!r}: expected NAME=SPEC, e.g. optimizer=sgd,adamw")
+        overrides[f"space.{name.strip()}"] = spec_text
+    spec = load_study(study, overrides)
+    where = Store.resolve(store, tracking_uri, storage)
+
+    try:
+        with SearchProgress(console, where) as progress:
+            result = run_search(spec, where, progress, progress.data_progress)
+    except KeyboardInterrupt:
+        err_console.print("\ninterrupted: the running trial is recorded as failed "
+                          "(interrupted). Run the same command again to continue the study.")
+        raise typer.Exit(130) from None
+
+    for name in result.changed_settings:
+        console.print(f"[yellow]note:[/] {name} differs from the value the study run recorded "
+                      "first; each trial run records the values it used.")
+    counts = result.counts()
+    console.print()
+    if result.ranked():
+        console.print(summary_table(result))
+    console.print(f"{len(result.trials)} trials in study {spec.name}: "
+                  f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
+                  f"{counts['FAIL']} failed.", soft_wrap=True)
+    console.print(_ui_hint(where, store), soft_wrap=True)  # a command to copy: never wrapped
+    if result.best is None:
+        err_console.print("error: no trial completed; the failure reasons are listed above")
+        raise typer.Exit(1)
+
+
+def _ui_hint(where: Any, store_arg: Path | None) -> str:
+    if not where.tracking_is_local:
+        return f"Compare the trials in the MLflow UI at {where.tracking_uri}"
+    flag = f" --store {store_arg}" if store_arg else ""
+    return (f"Compare the trials in the MLflow UI: [bold]imgcls-hpo ui{flag}[/], "
+            "then open http://127.0.0.1:5000")
+
+
+@app.command()
+@user_errors
+def models(
+    classes: int = typer.Option(1000, "--classes", help="Number of classes of the head."),
+    image_size: int = typer.Option(224, "--image-size"),
+    channels: int = typer.Option(3, "--channels"),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list instead of a table."),
+) -> None:
+    """List the architectures with their parameter count and FLOPs for one image."""
+    from imgcls.errors import ConfigError
+    from imgcls.models import MODELS
+    from imgcls.profile import profile_architecture
+
+    if classes < 2 or channels < 1 or image_size < 1:
+        raise ConfigError("--classes must be at least 2, --channels and --image-size at least 1")
+    rows, skipped = [], []
+    for entry in MODELS:
+        if image_size < entry.meta["min_image_size"]:
+            skipped.append(f"{entry.name} needs at least {entry.meta['min_image_size']}px")
+            continue
+        rows.append(profile_architecture(entry.name, classes, channels, image_size))
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        for note in skipped:
+            err_console.print(f"note: {note}")
+        return
+    table = Table(title=f"Architectures for {classes} classes, {channels}x{image_size}x"
+                        f"{image_size} input", title_justify="left")
+    for column in ("architecture", "parameters", "GFLOPs", "GMACs"):
+        table.add_column(column, justify="left" if column == "architecture" else "right")
+    for r in rows:
+        table.add_row(r.name, f"{r.params:,}", f"{r.flops / 1e9:.3f}", f"{r.macs / 1e9:.3f}")
+    for note in skipped:
+        table.add_row(note.split()[0], "[dim]" + note.split(" ", 1)[1] + "[/]", "", "")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def ui(
+    port: int = typer.Option(5000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind; 0.0.0.0 exposes the UI to the network."),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Start the MLflow UI on the project's store."""
+    from hpo.store import Store
+    from imgcls.errors import ConfigError
+
+    where = Store.resolve(store, tracking_uri)
+    if not where.tracking_is_local:
+        console.print(f"{where.tracking_uri} is a tracking server: open it in a browser.")
+        return
+    database = where.root / "mlflow.db"
+    if where.tracking_uri.startswith("sqlite:") and not database.exists():
+        raise ConfigError(f"no MLflow store at {where.root}: run `imgcls-hpo search` first, "
+                          "or pass --store")
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    command = [mlflow_cli, "ui", "--backend-store-uri", where.tracking_uri,
+               "--host", host, "--port", str(port),
+               # experiments made in the UI keep their artifacts under the store too
+               "--artifacts-destination", where.artifact_root.as_uri()]
+    console.print(f"MLflow UI on http://{host}:{port} for {where.tracking_uri} (Ctrl-C stops it)")
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def _not_yet(command: str) -> Callable[..., None]:
+    def stub(ctx: typer.Context) -> None:
+        err_console.print(f"imgcls-hpo {command} is not yet available in this version.")
+        raise typer.Exit(1)
+
+    stub.__doc__ = "Not yet available."
+    return stub
+
+
+for _name in ("results", "promote", "predict"):
+    app.command(_name, context_settings={"allow_extra_args": True,
+                                         "ignore_unknown_options": True})(_not_yet(_name))
+
+
+def main() -> None:
+    # Piped into a log, rich would assume 80 columns and squeeze the trials table.
+    for c in (console, err_console):
+        if not c.is_terminal and "COLUMNS" not in os.environ:
+            c.width = 160
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""What a running search shows: live progress while it runs, a table of the best trials after."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from types import TracebackType
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from hpo.backends.base import counts_as_finished
+from hpo.objective import TrialOutcome
+from hpo.search import SearchResult
+from hpo.space import Scalar
+from hpo.store import Store
+from hpo.study import StudySpec
+from imgcls.data import PreparedData
+
+STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def format_params(params: Mapping[str, Scalar], names: list[str] | None = None) -> str:
+    keys = names if names is not None else list(params)
+    return ", ".join(f"{k}={format_value(params[k])}" for k in keys if k in params)
+
+
+class SearchProgress:
+    """Live view of a search: trials finished / pruned / failed of N with a time estimate, the
+    best value so far and its parameters, and the running trial's epoch. Each finished trial
+    also prints one line, which stays in the terminal (and in logs, where nothing is live)."""
+
+    def __init__(self, console: Console, store: Store) -> None:
+        self.console = console
+        self.store = store
+        self.trials = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                               TimeRemainingColumn(), console=console)
+        self.epochs = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+                               console=console)
+        self.images = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.best_line = Text("")
+        # One live display for everything: rich allows a single one at a time.
+        self.live = Live(Group(self.images, self.trials, self.epochs, self.best_line),
+                         console=console, refresh_per_second=4, transient=True)
+        self.counts: Counter[str] = Counter()
+        self.best: TrialOutcome | None = None
+        self.spec: StudySpec | None = None
+        self._trial_task = self._epoch_task = self._images_task = None
+        self._searched: list[str] = []
+        self._started = 0.0
+
+    def __enter__(self) -> SearchProgress:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.live.__exit__(kind, exc, tb)
+
+    def data_progress(self, done: int, total: int) -> None:
+        """Images decoded (or found in the cache) so far."""
+        if self._images_task is None:
+            self._images_task = self.images.add_task("decoding images", total=total)
+        self.images.update(self._images_task, completed=done)
+        if done >= total:
+            self.images.update(self._images_task, visible=False)
+
+    # -- SearchObserver ------------------------------------------------------------------------
+
+    def study_started(self, spec: StudySpec, data: PreparedData,
+                      previous: list[TrialOutcome]) -> None:
+        self.spec = spec
+        counts = data.split.counts()
+        config = data.config
+        self.console.print(
+            f"Study [bold]{spec.name}[/]: {len(data.catalog):,} images, {data.num_classes} "
+            f"classes (train {counts['train']:,} · val {counts['val']:,} · test "
+            f"{counts['test']:,}), {config.image_size}px, "
+            f"{'grayscale' if config.channels == 1 else 'RGB'}\n"
+            f"{spec.trials} trials of up to {spec.max_epochs} epochs "
+            f"{'maximizing' if spec.direction == 'max' else 'minimizing'} {spec.objective}; "
+            f"searching {', '.join(p.name for p in spec.space.searched) or 'nothing'}\n"
+            f"[dim]store {self.store.root} · tracking {self.store.tracking_uri}[/]"
+        )
+        self._searched = [p.name for p in spec.space.searched]
+        done = [t for t in previous if counts_as_finished(t)]
+        for outcome in done:
+            self._count(outcome)
+        if done:
+            self.console.print(f"Resuming study [bold]{spec.name}[/]: {len(done)} of "
+                               f"{spec.trials} trials already finished.")
+        self._trial_task = self.trials.add_task(self._summary(), total=spec.trials,
+                                                completed=min(len(done), spec.trials))
+        self._update_best()
+
+    def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
+        assert self.spec is not None
+        if self._epoch_task is not None:
+            self.epochs.remove_task(self._epoch_task)
+        arch = params.get("arch") or self.spec.space.fixed_values().get("arch", "")
+        self._epoch_task = self.epochs.add_task(f"trial {number} {arch} · epoch",
+                                                total=self.spec.max_epochs, last="")
+        self._started = time.perf_counter()
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        assert self.spec is not None
+        objective = self.spec.objective
+        last = f"{objective} {metrics[objective]:.4f}  train_loss {metrics['train_loss']:.4f}"
+        self.epochs.update(self._epoch_task, completed=epoch, last=last)
+
+    def trial_finished(self, outcome: TrialOutcome) -> None:
+        assert self.spec is not None
+        self._count(outcome)
+        self.trials.update(self._trial_task, advance=1, description=self._summary())
+        self._update_best()
+        style = STATE_STYLE.get(outcome.state, "")
+        value = f"{self.spec.objective} {outcome.value:.4f}" if outcome.value is not None else ""
+        detail = outcome.fail_reason if outcome.state == "FAIL" else \
+            f"{value} at epoch {outcome.best_epoch}/{outcome.epochs}"
+        self.console.print(
+            f"trial {outcome.number:>3} [{style}]{outcome.state:<8}[/] {detail}  "
+            f"({outcome.seconds:.1f}s)  [dim]{format_params(outcome.params, self._searched)}[/]"
+        )
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def _count(self, outcome: TrialOutcome) -> None:
+        self.counts[outcome.state] += 1
+        if outcome.state == "COMPLETE" and outcome.value is not None:
+            better = self.best is None or (
+                outcome.value > self.best.value if self.spec and self.spec.direction == "max"
+                else outcome.value < self.best.value  # type: ignore[operator]
+            )
+            if better:
+                self.best = outcome
+
+    def _summary(self) -> str:
+        c = self.counts
+        return (f"trials: [green]{c['COMPLETE']} complete[/] · [yellow]{c['PRUNED']} pruned[/]"
+                f" · [red]{c['FAIL']} failed[/]")
+
+    def _update_best(self) -> None:
+        assert self.spec is not None
+        if self.best is None:
+            self.best_line.plain = f"best {self.spec.objective}: none yet"
+            return
+        self.best_line.plain = (
+            f"best {self.spec.objective} {self.best.value:.4f} (trial {self.best.number}): "
+            f"{format_params(self.best.params, self._searched)}"
+        )
+
+
+def summary_table(result: SearchResult, top: int = 5) -> Table:
+    """The best finished trials, best first, with the parameters the study searched."""
+    spec = result.spec
+    searched = [p.name for p in spec.space.searched]
+    table = Table(title=f"Study {spec.name}: best {min(top, len(result.ranked()))} trials "
+                        f"by {spec.objective} ({'higher' if spec.direction == 'max' else 'lower'}"
+                        " is better)", title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column(spec.objective, justify="right", style="bold")
+    table.add_column("epoch", justify="right")
+    for name in searched:
+        table.add_column(name, justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("MLflow run")
+    for t in result.ranked()[:top]:
+        table.add_row(str(t.number), f"{t.value:.4f}", f"{t.best_epoch}/{t.epochs}",
+                      *(format_value(t.params.get(name, "")) for name in searched),
+                      f"{t.seconds:.0f}s", (t.run_id or "")[:12])
+    return table
