@@ -1,0 +1,102 @@
+"""Fixtures: tiny images made on the spot, a temporary store, a tiny study. CPU only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpo.store import Store
+
+PATTERNS = ("rows", "columns", "diagonals")
+
+
+def stripes(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A striped 8-bit image with noise: classes a small CNN tells apart in an epoch or two."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    pattern = {"rows": yy // 2, "columns": xx // 2, "diagonals": (xx + yy) // 2}[kind] % 2
+    return (pattern * 190 + rng.integers(0, 60, (size, size))).astype(np.uint8)
+
+
+def make_image_folder(root: Path, classes: tuple[str, ...] = ("ants", "bees"),
+                      per_class: int = 10, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            gray = stripes(PATTERNS[k % len(PATTERNS)], size, rng)
+            Image.fromarray(np.stack([gray] * 3, axis=-1)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder, on CPU, with no store or tracking URI inherited."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "IMGCLS_HPO_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow database with its tables made, once: creating one takes seconds."""
+    from mlflow import MlflowClient
+
+    from hpo.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, _empty_mlflow_db: Path) -> Store:
+    root = tmp_path / "store"
+    root.mkdir()
+    shutil.copy(_empty_mlflow_db, root / "mlflow.db")
+    return Store.resolve(root)
+
+
+TINY_STUDY = """\
+description: striped squares, for tests
+data:
+  source: folder
+  path: {data}
+  image_size: 16
+  channels: 3
+  val_fraction: 0.25
+  test_fraction: 0.25
+objective: val_f1
+trials: {trials}
+max_epochs: 2
+patience: null
+seed: 0
+sampler: random
+pruner: none
+space:
+  lr: 0.01..0.1:log
+  momentum: 0.9
+  batch_size: 4,8
+  arch: simplecnn
+  dropout: 0.0..0.3
+  hflip: 0.5
+"""
+
+
+@pytest.fixture
+def study_file(tmp_path: Path, image_folder: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_STUDY.format(data=image_folder, trials=2))
+    return path

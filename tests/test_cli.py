@@ -1,0 +1,162 @@
+"""The command line: its exit codes, its one-line errors, and its output."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from tests.conftest import make_image_folder
+
+runner = CliRunner()
+
+
+def _bad_input(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output  # one line, no traceback
+    assert lines[0].startswith("error: ")
+    assert message in lines[0], lines[0]
+
+
+def test_unknown_study() -> None:
+    _bad_input(["search", "digitz"], "unknown study 'digitz' (known: digits, tb)")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "abc"], "lr: 'abc' is not a number"),
+    (["--lr", "0.1..0.01"], "lr: LOW 0.1 is above HIGH 0.01"),
+    (["--batch-size", "16..x"], "batch_size: 'x' is not an integer"),
+    (["--dropout", "0..2"], "dropout: Input should be less than 1"),
+    (["--param", "optimizer"], "expected NAME=SPEC"),
+    (["--param", "colour=red"], "unknown hyperparameter 'colour'"),
+    (["--sampler", "grid"], "unknown sampler 'grid' (known:"),
+])
+def test_malformed_or_impossible_search_space(flags: list[str], message: str) -> None:
+    _bad_input(["search", "digits", *flags], message)
+
+
+def test_unknown_architecture_lists_the_known_ones() -> None:
+    _bad_input(["search", "digits", "--arch", "resnet19"],
+               "unknown architecture 'resnet19'; did you mean 'resnet18'? (known: resnet18,")
+
+
+def test_missing_data_folder(tmp_path: Path) -> None:
+    _bad_input(["search", "tb", "--data", str(tmp_path / "nowhere")], "data folder not found")
+    assert not (tmp_path / "mlruns").exists()  # bad input leaves nothing behind
+
+
+def test_study_needing_data_without_data() -> None:
+    _bad_input(["search", "tb"], "needs a data folder: pass --data PATH")
+
+
+def test_empty_data_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _bad_input(["search", "tb", "--data", str(tmp_path / "empty")], "has no class sub-folders")
+
+
+def test_class_folder_without_images(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "xrays", classes=("health",), per_class=2)
+    (root / "tb").mkdir()
+    (root / "tb" / "readme.txt").write_text("scans to come")
+    _bad_input(["search", "tb", "--data", str(root)], "class folder 'tb'")
+
+
+def test_models_json_reports_parameters_and_flops() -> None:
+    result = runner.invoke(app, ["models", "--classes", "2", "--image-size", "224",
+                                 "--channels", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert {"simplecnn", "resnet18", "resnet50", "vgg11_bn", "densenet121"} <= set(rows)
+    assert set(rows["resnet50"]) == {"name", "params", "flops", "macs"}
+    assert rows["resnet50"]["params"] == 23_512_130
+    assert rows["resnet50"]["flops"] == 2 * rows["resnet50"]["macs"] > 8e9
+
+
+def test_models_table_skips_what_cannot_take_the_image_size() -> None:
+    result = runner.invoke(app, ["models", "--image-size", "16", "--classes", "10"])
+    assert result.exit_code == 0, result.output
+    assert "vgg11_bn" in result.output and "needs at least 32px" in result.output
+    assert "resnet18" in result.output
+
+
+@pytest.mark.parametrize("command", ["results", "promote", "predict"])
+def test_later_commands_say_they_are_not_available_yet(command: str) -> None:
+    result = runner.invoke(app, [command, "digits"])
+    assert result.exit_code == 1
+    assert "not yet available" in result.output
+
+
+def test_ui_needs_a_store(tmp_path: Path) -> None:
+    _bad_input(["ui", "--store", str(tmp_path / "none")], "no MLflow store at")
+
+
+@pytest.mark.slow
+def test_search_command_runs_and_summarises(study_file: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["search", str(study_file), "--store", str(tmp_path / "s"),
+                                 "--lr", "0.05", "--param", "optimizer=sgd,adamw"])
+    assert result.exit_code == 0, result.output
+    assert "best 2 trials by val_f1" in result.output
+    assert "2 trials in study tiny: 2 complete, 0 pruned, 0 failed" in result.output
+    assert f"imgcls-hpo ui --store {tmp_path / 's'}" in result.output
+    assert (tmp_path / "s" / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()  # nothing outside the store
+
+
+@pytest.mark.slow
+def test_console_script_exits_2_on_bad_input() -> None:
+    script = Path(sys.executable).parent / "imgcls-hpo"
+    done = subprocess.run([str(script), "search", "no-such-study"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown study 'no-such-study' (known: digits, tb); or give a path to a YAML "
+        "file"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_with_its_artifacts(study_file: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    assert runner.invoke(app, ["search", str(study_file), "--store", str(store),
+                               "--trials", "1"]).exit_code == 0
+    port = _free_port()
+    script = Path(sys.executable).parent / "imgcls-hpo"
+    server = subprocess.Popen([str(script), "ui", "--store", str(store), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError("the MLflow UI did not start") from None
+                time.sleep(0.5)
+        query = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
+        experiment = json.load(urllib.request.urlopen(query))["experiment"]
+        body = json.dumps({"experiment_ids": [experiment["experiment_id"]],
+                           "filter": "tags.imgcls_hpo.role = 'trial'"}).encode()
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        (trial,) = json.load(urllib.request.urlopen(request))["runs"]
+        png = urllib.request.urlopen(f"{base}/get-artifact?path=confusion_matrix.png"
+                                     f"&run_uuid={trial['info']['run_id']}").read()
+        assert png.startswith(b"\x89PNG")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

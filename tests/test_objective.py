@@ -1,0 +1,93 @@
+"""One trial against a real MLflow store: what it records for each way a trial can end."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from hpo.objective import StudyContext, run_trial
+from hpo.store import Store
+from hpo.study import load_study
+from hpo.tracking import Tracker
+from imgcls.data import prepare_data
+
+
+@pytest.fixture
+def ctx(study_file: Path, store: Store) -> StudyContext:
+    spec = load_study(str(study_file))
+    data = prepare_data(spec.data, spec.seed)
+    tracker = Tracker(store.tracking_uri, store.artifact_root)
+    experiment = tracker.experiment(spec.name)
+    parent, _ = tracker.open_study_run(experiment, spec.name, None, spec.as_params())
+    return StudyContext(spec, data, torch.device("cpu"), tracker, experiment, parent)
+
+
+def _run(ctx: StudyContext, run_id: str):  # type: ignore[no-untyped-def]
+    return ctx.tracker.client.get_run(run_id)  # type: ignore[union-attr]
+
+
+def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
+    outcome = run_trial(ctx, 0, {"lr": 0.05, "batch_size": 4, "dropout": 0.1})
+    assert outcome.state == "COMPLETE", outcome.fail_reason
+    run = _run(ctx, outcome.run_id)
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert tags["mlflow.parentRunId"] == ctx.study_run_id
+    assert (tags["imgcls_hpo.role"], tags["imgcls_hpo.trial_number"],
+            tags["imgcls_hpo.state"]) == ("trial", "0", "COMPLETE")
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-000"
+    # sampled values under their flag names, then fixed values and settings
+    assert (params["lr"], params["batch_size"], params["dropout"]) == ("0.05", "4", "0.1")
+    assert (params["momentum"], params["arch"], params["max_epochs"]) == ("0.9", "simplecnn", "2")
+    history = ctx.tracker.client.get_metric_history(outcome.run_id, "val_f1")  # type: ignore[union-attr]
+    assert [m.step for m in history] == [1, 2]
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert name in metrics
+    assert metrics["best_val_f1"] == pytest.approx(outcome.value)
+    assert metrics["best_epoch"] == outcome.best_epoch
+    assert metrics["params_count"] > 0 and metrics["flops"] == 2 * metrics["macs"] > 0
+    artifacts = [a.path for a in ctx.tracker.client.list_artifacts(outcome.run_id)]  # type: ignore[union-attr]
+    assert "confusion_matrix.png" in artifacts
+    # runs:/<id>/model loads the logged model, which carries its preprocessing
+    mlflow.set_tracking_uri(ctx.tracker.uri)  # type: ignore[union-attr]
+    model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
+    x = torch.zeros(3, 3, 16, 16)
+    assert model(x).shape == (3, 2)
+    info = mlflow.models.get_model_info(f"runs:/{outcome.run_id}/model")
+    assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
+    assert info.metadata["imgcls"]["image_size"] == 16
+
+
+def test_a_pruned_trial_keeps_its_metrics_but_logs_no_model(ctx: StudyContext) -> None:
+    outcome = run_trial(ctx, 1, {"lr": 0.05, "batch_size": 4},
+                        should_prune=lambda epoch, value: epoch == 1)
+    assert (outcome.state, outcome.epochs) == ("PRUNED", 1)
+    run = _run(ctx, outcome.run_id)
+    assert run.data.tags["imgcls_hpo.state"] == "PRUNED"
+    assert run.info.status == "FINISHED"
+    assert "best_val_f1" in run.data.metrics
+    assert not run.outputs.model_outputs
+
+
+def test_a_failing_trial_is_recorded_with_its_reason(ctx: StudyContext) -> None:
+    outcome = run_trial(ctx, 2, {"lr": 1e20, "batch_size": 4})
+    assert (outcome.state, outcome.fail_reason) == ("FAIL", "diverged at epoch 1")
+    run = _run(ctx, outcome.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["imgcls_hpo.state"] == "FAIL"
+    assert run.data.tags["imgcls_hpo.fail_reason"] == "diverged at epoch 1"
+    artifacts = [a.path for a in ctx.tracker.client.list_artifacts(outcome.run_id)]  # type: ignore[union-attr]
+    assert "error.txt" in artifacts  # the traceback, for whoever debugs it
+
+
+def test_an_interrupt_closes_the_run_as_killed(ctx: StudyContext) -> None:
+    def interrupt(number: int, epoch: int, metrics: object) -> None:
+        raise KeyboardInterrupt
+
+    runs_before = ctx.tracker.client.search_runs([ctx.experiment_id])  # type: ignore[union-attr]
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(ctx, 3, {"lr": 0.05, "batch_size": 4}, on_epoch=interrupt)
+    runs = ctx.tracker.client.search_runs([ctx.experiment_id])  # type: ignore[union-attr]
+    (killed,) = [r for r in runs if r.info.run_id not in {b.info.run_id for b in runs_before}]
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["imgcls_hpo.fail_reason"] == "interrupted"

@@ -1,0 +1,93 @@
+"""Whole searches with real Optuna storage and a real MLflow store."""
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from hpo.backends import NullObserver
+from hpo.search import run_search
+from hpo.store import Store
+from hpo.study import StudyError, load_study
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(store: Store, study: str, role: str):  # type: ignore[no-untyped-def]
+    client = MlflowClient(store.tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.imgcls_hpo.role = '{role}'")
+
+
+def test_search_records_the_study_and_resumes_to_the_total(study_file: Path, store: Store,
+                                                           tmp_path: Path) -> None:
+    result = run_search(load_study(str(study_file)), store)
+    assert [t.state for t in result.trials] == ["COMPLETE", "COMPLETE"]
+    (study_run,) = _runs(store, "tiny", "study")
+    assert study_run.info.status == "FINISHED"
+    assert study_run.data.params["space.lr"] == "0.01..0.1:log"
+    assert study_run.data.params["space.batch_size"] == "4,8"
+    assert study_run.data.params["objective"] == "val_f1"
+    assert study_run.data.metrics["trials_complete"] == 2
+    client = MlflowClient(store.tracking_uri)
+    split_csv = Path(client.download_artifacts(study_run.info.run_id, "split.csv", str(tmp_path)))
+    rows = list(csv.DictReader(split_csv.open()))
+    assert len(rows) == 20 and {r["split"] for r in rows} == {"train", "val", "test"}
+    assert store.journal_path.exists() and list(store.cache_dir.glob("*.npy"))
+
+    # the same command with a larger --trials continues the same study
+    resumed = run_search(load_study(str(study_file), {"trials": 3}), store)
+    assert [t.number for t in resumed.trials] == [0, 1, 2]
+    assert len(_runs(store, "tiny", "study")) == 1
+    trial_runs = _runs(store, "tiny", "trial")
+    assert sorted(r.data.tags["imgcls_hpo.trial_number"] for r in trial_runs) == ["0", "1", "2"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {study_run.info.run_id}
+    # and asking for what is already there trains nothing more
+    again = run_search(load_study(str(study_file), {"trials": 3}), store)
+    assert len(again.trials) == 3
+
+
+def test_a_failing_trial_does_not_stop_the_study(study_file: Path, store: Store) -> None:
+    spec = load_study(str(study_file), {"trials": 4, "space.lr": "0.05,1e20"})
+    result = run_search(spec, store)
+    states = [t.state for t in result.trials]
+    assert len(states) == 4 and "FAIL" in states and "COMPLETE" in states
+    failed = [r for r in _runs(store, "tiny", "trial") if r.data.tags["imgcls_hpo.state"] == "FAIL"]
+    assert {r.data.tags["imgcls_hpo.fail_reason"] for r in failed} == {"diverged at epoch 1"}
+    assert result.best is not None and result.best.params["lr"] == 0.05
+
+
+class InterruptAt(NullObserver):
+    def __init__(self, trial: int) -> None:
+        self.trial = trial
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        if number == self.trial:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_search_resumes_without_losing_or_counting_the_interrupted_trial(
+        study_file: Path, store: Store) -> None:
+    spec = load_study(str(study_file))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, store, InterruptAt(trial=1))
+    (study_run,) = _runs(store, "tiny", "study")
+    assert study_run.info.status == "KILLED"
+
+    result = run_search(spec, store)
+    assert [(t.number, t.state) for t in result.trials] == [
+        (0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE")]
+    assert result.trials[1].fail_reason == "interrupted"
+    (study_run,) = _runs(store, "tiny", "study")
+    assert study_run.info.status == "FINISHED"
+    statuses = sorted(r.info.status for r in _runs(store, "tiny", "trial"))
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"]
+
+
+def test_a_stored_study_keeps_its_objective(study_file: Path, store: Store) -> None:
+    run_search(load_study(str(study_file), {"trials": 1}), store)
+    with pytest.raises(StudyError, match="optimizes val_f1, not val_loss"):
+        run_search(load_study(str(study_file), {"trials": 1, "objective": "val_loss"}), store)
