@@ -54,8 +54,8 @@ TrackingOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                            help="MLflow tracking URI (a server, or a database) instead of the "
                                 "store's mlflow.db.")
 StorageOpt = typer.Option(None, "--storage",
-                          help="Optuna storage URL (e.g. sqlite:///optuna.db, postgresql://...) "
-                               "instead of the store's journal file.")
+                          help="Optuna storage instead of the store's journal file: a database "
+                               "URL (sqlite:///optuna.db, postgresql://...) or a journal file.")
 
 
 def _spec_option(flag: str, what: str) -> Any:

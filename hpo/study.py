@@ -8,7 +8,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -94,13 +94,22 @@ class StudySpec(BaseModel):
     sampler: str = "tpe"
     pruner: str = "median"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    backend: Literal["optuna"] = "optuna"
+    backend: str = "optuna"  # a name in hpo.backends.BACKENDS
     space: SearchSpace = Field(default_factory=SearchSpace)
 
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
         metric_direction(value)  # raises listing the valid names
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from hpo.backends import BACKENDS  # imports this module: import it late
+
+        if value not in BACKENDS:
+            raise ValueError(BACKENDS.unknown_message(value))
         return value
 
     @field_validator("space", mode="before")

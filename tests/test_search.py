@@ -91,3 +91,16 @@ def test_a_stored_study_keeps_its_objective(study_file: Path, store: Store) -> N
     run_search(load_study(str(study_file), {"trials": 1}), store)
     with pytest.raises(StudyError, match="optimizes val_f1, not val_loss"):
         run_search(load_study(str(study_file), {"trials": 1, "objective": "val_loss"}), store)
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{tmp}/optuna.db", "{tmp}/shared/tiny.journal"])
+def test_the_optuna_study_can_live_outside_the_store(study_file: Path, store: Store,
+                                                     tmp_path: Path, storage: str) -> None:
+    target = storage.format(tmp=tmp_path)
+    elsewhere = Store(store.root, store.tracking_uri, target)
+    spec = load_study(str(study_file), {"trials": 1})
+    assert len(run_search(spec, elsewhere).trials) == 1
+    assert not store.journal_path.exists()
+    assert (tmp_path / ("optuna.db" if "sqlite" in target else "shared/tiny.journal")).exists()
+    # and it resumes from there
+    assert len(run_search(load_study(str(study_file), {"trials": 2}), elsewhere).trials) == 2

@@ -68,3 +68,14 @@ def test_a_study_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     with pytest.raises(StudyError, match="must be a mapping"):
         load_study(str(bad))
+
+
+def test_validation_split_cannot_be_empty(study_file: Path) -> None:
+    # the objective is a validation metric: without a validation split nothing picks an epoch
+    with pytest.raises(StudyError, match=r"data\.val_fraction: Input should be greater than 0"):
+        load_study(str(study_file), {"data.val_fraction": 0})
+
+
+def test_unknown_backend_lists_the_known_ones(study_file: Path) -> None:
+    with pytest.raises(StudyError, match=r"unknown backend 'optuner'; did you mean 'optuna'"):
+        load_study(str(study_file), {"backend": "optuner"})

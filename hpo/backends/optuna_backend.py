@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.backends.base import BACKENDS, SearchObserver, counts_as_finished
@@ -52,14 +53,17 @@ def _no_pruning() -> optuna.pruners.BasePruner:
 
 
 def make_storage(store: Store) -> optuna.storages.BaseStorage | str:
-    """The journal file under the store, or the --storage URL (an RDB such as sqlite:///...)."""
+    """The journal file under the store; or --storage: a database URL (sqlite:///...,
+    postgresql://...), or a path, taken as a journal file (works on shared file systems)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    if store.optuna_storage:
-        return store.optuna_storage
-    store.create()
-    return optuna.storages.JournalStorage(JournalFileBackend(str(store.journal_path)))
+    target = store.optuna_storage
+    if target and "://" in target:
+        return target
+    path = Path(target).expanduser() if target else store.journal_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def _outcome(trial: optuna.trial.FrozenTrial) -> TrialOutcome:

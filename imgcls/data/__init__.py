@@ -39,7 +39,7 @@ class DataConfig(BaseModel):
     path: str | None = None  # the data folder, for sources that read files
     image_size: int = Field(64, ge=8, le=2048)  # pixels per side after resizing
     channels: Literal[1, 3] = 3  # 1 = grayscale, 3 = RGB (grayscale images are replicated)
-    val_fraction: float = Field(0.15, ge=0, lt=1)
+    val_fraction: float = Field(0.15, gt=0, lt=1)  # > 0: validation picks the best epoch
     test_fraction: float = Field(0.15, ge=0, lt=1)
     # "train": mean/std of the training split; "imagenet": the statistics pretrained nets expect
     normalize: Literal["train", "imagenet"] = "train"
