@@ -52,16 +52,12 @@ class HParams(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(MODELS.unknown_message(value))
-        return value
+        return MODELS.check_name(value)
 
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
-        if value not in OPTIMIZERS:
-            raise ValueError(OPTIMIZERS.unknown_message(value))
-        return value
+        return OPTIMIZERS.check_name(value)
 
     @classmethod
     def kinds(cls) -> dict[str, type]:
@@ -108,9 +104,7 @@ class StudySpec(BaseModel):
     def _known_backend(cls, value: str) -> str:
         from hpo.backends import BACKENDS  # imports this module: import it late
 
-        if value not in BACKENDS:
-            raise ValueError(BACKENDS.unknown_message(value))
-        return value
+        return BACKENDS.check_name(value)
 
     @field_validator("space", mode="before")
     @classmethod

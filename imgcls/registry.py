@@ -52,6 +52,13 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
+    def check_name(self, name: str) -> str:
+        """`name` if registered. For pydantic validators, which report a ValueError under the
+        field's name."""
+        if name not in self._entries:
+            raise ValueError(self.unknown_message(name))
+        return name
+
     def unknown_message(self, name: object) -> str:
         known = list(self._entries)
         close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)

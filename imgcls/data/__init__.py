@@ -47,9 +47,7 @@ class DataConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value not in SOURCES:
-            raise ValueError(SOURCES.unknown_message(value))
-        return value
+        return SOURCES.check_name(value)
 
 
 @dataclass
