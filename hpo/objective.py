@@ -109,14 +109,13 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
             run = ctx.tracker.start_trial(ctx.experiment_id, ctx.study_run_id, spec.name, number,
                                           {**outcome.params, **ctx.trial_settings(number)})
             outcome.run_id = run.run_id
-        result, model = _train(ctx, number, hp, run, should_prune, on_epoch)
+        result, model, pruned = _train(ctx, number, hp, run, should_prune, on_epoch)
         outcome.epochs = result.epochs
         if result.best_epoch == 0:
             raise RuntimeError(f"no epoch gave a finite {spec.objective}")
         outcome.best_epoch = result.best_epoch
         outcome.metrics = result.best_metrics
         outcome.value = result.best_metrics[spec.objective]
-        pruned = result.stop_reason.startswith("pruned")
         outcome.state = "PRUNED" if pruned else "COMPLETE"
         if run is not None:
             _log_summary(ctx, run, result)
@@ -143,7 +142,8 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
 
 def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
            should_prune: ShouldPrune | None, on_epoch: EpochObserver | None
-           ) -> tuple[FitResult, torch.nn.Module]:
+           ) -> tuple[FitResult, torch.nn.Module, bool]:
+    """Train one trial; also says whether the pruner stopped it."""
     spec, data = ctx.spec, ctx.data
     seed = trial_seed(spec.seed, number)
     seed_everything(seed)
@@ -161,12 +161,16 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
                          max_epochs=spec.max_epochs, patience=spec.patience,
                          monitor=spec.objective)
 
+    pruned = False
+
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> str | None:
+        nonlocal pruned
         if run is not None:
             run.log_metrics(metrics, step=epoch)
         if on_epoch is not None:
             on_epoch(number, epoch, metrics)
         if should_prune is not None and should_prune(epoch, metrics[spec.objective]):
+            pruned = True
             return f"pruned at epoch {epoch}"
         return None
 
@@ -174,7 +178,7 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
     result = fit(model, train, val, config, data.num_classes, on_epoch_end)
     if run is not None:
         run.log_metrics({"train_seconds": time.perf_counter() - started})
-    return result, model
+    return result, model, pruned
 
 
 def _log_summary(ctx: StudyContext, run: TrialRun, result: FitResult) -> None:

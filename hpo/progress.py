@@ -62,6 +62,7 @@ class SearchProgress:
         # One live display for everything: rich allows a single one at a time.
         self.live = Live(Group(self.images, self.trials, self.epochs, self.best_line),
                          console=console, refresh_per_second=4, transient=True)
+        self.outcomes: list[TrialOutcome] = []
         self.counts: Counter[str] = Counter()
         self.best: TrialOutcome | None = None
         self.spec: StudySpec | None = None
@@ -145,14 +146,10 @@ class SearchProgress:
     # -- rendering -----------------------------------------------------------------------------
 
     def _count(self, outcome: TrialOutcome) -> None:
+        assert self.spec is not None
+        self.outcomes.append(outcome)
         self.counts[outcome.state] += 1
-        if outcome.state == "COMPLETE" and outcome.value is not None:
-            better = self.best is None or (
-                outcome.value > self.best.value if self.spec and self.spec.direction == "max"
-                else outcome.value < self.best.value  # type: ignore[operator]
-            )
-            if better:
-                self.best = outcome
+        self.best = SearchResult(self.spec, self.outcomes).best
 
     def _summary(self) -> str:
         c = self.counts
