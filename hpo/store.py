@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from imgcls.errors import ConfigError
+
 DEFAULT_STORE = "mlruns"
 STORE_ENV = "IMGCLS_HPO_STORE"
 
@@ -30,6 +32,8 @@ class Store:
     def resolve(cls, root: str | Path | None = None, tracking_uri: str | None = None,
                 storage: str | None = None) -> Store:
         path = Path(root or os.environ.get(STORE_ENV) or DEFAULT_STORE).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"the store {path} is a file, not a folder")
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{path}/mlflow.db"
         return cls(path, uri, storage)
 

@@ -160,3 +160,28 @@ def test_ui_serves_the_store_with_its_artifacts(study_file: Path, tmp_path: Path
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_store_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("")
+    _bad_input(["search", "digits", "--store", str(tmp_path / "notes.txt")],
+               "is a file, not a folder")
+
+
+def test_unexpected_failures_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("hpo.search.run_search", broken)
+    result = runner.invoke(app, ["search", "digits"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RuntimeError)
+
+
+@pytest.mark.slow
+def test_a_search_where_no_trial_completes_exits_1(study_file: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["search", str(study_file), "--store", str(tmp_path / "s"),
+                                 "--lr", "1e20"])
+    assert result.exit_code == 1
+    assert result.output.count("FAIL     diverged at epoch") == 2  # each trial says why
+    assert "no trial completed" in result.output
