@@ -54,9 +54,8 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     device = resolve_device(spec.device)
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     store.create()  # after the data is known to be usable: bad input leaves nothing behind
-    study = backend.open(spec, store)
-
     tracker = Tracker(store.tracking_uri, store.artifact_root if store.tracking_is_local else None)
+    study = backend.open(spec, store)
     experiment_id = tracker.experiment(spec.name)
     run_id, changed = tracker.open_study_run(
         experiment_id, spec.name, study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data)

@@ -63,6 +63,23 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  (None unsets it again)
 
 
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in seconds when a tracking server does not answer (MLflow's client would retry
+    for minutes). Any HTTP answer, even an error, means a server is there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason})"
+                            ) from None
+
+
 class Tracker:
     """MLflow for one tracking URI. `artifact_root` is where new experiments keep their
     artifacts when tracking is local (a tracking server chooses for itself)."""
@@ -71,6 +88,8 @@ class Tracker:
         from mlflow import MlflowClient
 
         quiet_mlflow()
+        if tracking_uri.startswith(("http://", "https://")):
+            check_server(tracking_uri)
         self.uri = tracking_uri
         self.artifact_root = artifact_root
         self.client: MlflowClient = MlflowClient(tracking_uri)

@@ -185,3 +185,16 @@ def test_a_search_where_no_trial_completes_exits_1(study_file: Path, tmp_path: P
     assert result.exit_code == 1
     assert result.output.count("FAIL     diverged at epoch") == 2  # each trial says why
     assert "no trial completed" in result.output
+
+
+def test_an_unreachable_tracking_server_is_reported_at_once() -> None:
+    # MLflow's own client would retry for minutes before failing with a traceback
+    _bad_input(["search", "digits", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
+               "cannot reach the MLflow tracking server at http://127.0.0.1:")
+
+
+def test_an_unusable_optuna_storage_is_reported(study_file: Path, tmp_path: Path) -> None:
+    _bad_input(["search", str(study_file), "--store", str(tmp_path / "s"),
+                "--storage", "sqlite:////nonexistent/folder/optuna.db"],
+               "cannot open the Optuna storage sqlite:////nonexistent/folder/optuna.db: "
+               "(sqlite3.OperationalError) unable to open database file")

@@ -52,7 +52,7 @@ def _no_pruning() -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_storage(store: Store) -> optuna.storages.BaseStorage | str:
+def make_storage(store: Store) -> optuna.storages.BaseStorage:
     """The journal file under the store; or --storage: a database URL (sqlite:///...,
     postgresql://...), or a path, taken as a journal file (works on shared file systems)."""
     import optuna
@@ -60,7 +60,11 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage | str:
 
     target = store.optuna_storage
     if target and "://" in target:
-        return target
+        try:
+            return optuna.storages.RDBStorage(target)
+        except Exception as exc:  # driver missing, server down, bad URL: all the user's to fix
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StudyError(f"cannot open the Optuna storage {target}: {first}") from None
     path = Path(target).expanduser() if target else store.journal_path
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
