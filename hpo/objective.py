@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from hpo.space import Scalar
 from hpo.study import HParams, StudySpec, first_error
 from hpo.tracking import Tracker, TrialRun
-from imgcls.data import PreparedData
-from imgcls.errors import ImgclsError
+from imgcls.data import Batches, PreparedData
+from imgcls.errors import ImgclsError, first_line
 from imgcls.metrics import confusion_matrix, plot_confusion_matrix
 from imgcls.models import build_model
 from imgcls.profile import profile_model
@@ -90,8 +90,7 @@ def failure_reason(exc: BaseException, hp: HParams | None) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError) and hp is not None:
         return (f"CUDA out of memory with arch={hp.arch}, batch_size={hp.batch_size}; "
                 "search smaller batch sizes or run fewer trials per GPU")
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else 'no message'}"[:500]
+    return f"{type(exc).__name__}: {first_line(exc)}"[:500]
 
 
 def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
@@ -201,10 +200,10 @@ def _log_summary(ctx: StudyContext, run: TrialRun, result: FitResult) -> None:
 def _input_example(data: PreparedData) -> np.ndarray:
     """Two of the study's images, preprocessed as the model sees them (two, so that the
     exported graph keeps a dynamic batch dimension)."""
-    shape = (1, data.in_channels, 1, 1)
-    x = data.images[:2].float().div(255)
-    x = (x - torch.tensor(data.mean).view(shape)) / torch.tensor(data.std).view(shape)
-    return x.numpy().astype(np.float32)
+    batches = Batches(data.images[:2], data.labels[:2], 2, train=False, mean=data.mean,
+                      std=data.std)
+    x, _ = next(iter(batches))
+    return x.numpy()
 
 
 def _model_metadata(ctx: StudyContext, hp: HParams) -> dict[str, Any]:

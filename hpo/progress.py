@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -62,13 +60,10 @@ class SearchProgress:
         # One live display for everything: rich allows a single one at a time.
         self.live = Live(Group(self.images, self.trials, self.epochs, self.best_line),
                          console=console, refresh_per_second=4, transient=True)
-        self.outcomes: list[TrialOutcome] = []
-        self.counts: Counter[str] = Counter()
-        self.best: TrialOutcome | None = None
         self.spec: StudySpec | None = None
+        self.finished: SearchResult | None = None  # the trials finished so far
         self._trial_task = self._epoch_task = self._images_task = None
         self._searched: list[str] = []
-        self._started = 0.0
 
     def __enter__(self) -> SearchProgress:
         self.live.__enter__()
@@ -91,6 +86,7 @@ class SearchProgress:
     def study_started(self, spec: StudySpec, data: PreparedData,
                       previous: list[TrialOutcome]) -> None:
         self.spec = spec
+        self.finished = SearchResult(spec, [])
         counts = data.split.counts()
         config = data.config
         self.console.print(
@@ -105,8 +101,7 @@ class SearchProgress:
         )
         self._searched = [p.name for p in spec.space.searched]
         done = [t for t in previous if counts_as_finished(t)]
-        for outcome in done:
-            self._count(outcome)
+        self.finished.trials.extend(done)
         if done:
             self.console.print(f"Resuming study [bold]{spec.name}[/]: {len(done)} of "
                                f"{spec.trials} trials already finished.")
@@ -121,7 +116,6 @@ class SearchProgress:
         arch = params.get("arch") or self.spec.space.fixed_values().get("arch", "")
         self._epoch_task = self.epochs.add_task(f"trial {number} {arch} · epoch",
                                                 total=self.spec.max_epochs, last="")
-        self._started = time.perf_counter()
 
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
         assert self.spec is not None
@@ -130,8 +124,8 @@ class SearchProgress:
         self.epochs.update(self._epoch_task, completed=epoch, last=last)
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
-        assert self.spec is not None
-        self._count(outcome)
+        assert self.spec is not None and self.finished is not None
+        self.finished.trials.append(outcome)
         self.trials.update(self._trial_task, advance=1, description=self._summary())
         self._update_best()
         style = STATE_STYLE.get(outcome.state, "")
@@ -145,25 +139,21 @@ class SearchProgress:
 
     # -- rendering -----------------------------------------------------------------------------
 
-    def _count(self, outcome: TrialOutcome) -> None:
-        assert self.spec is not None
-        self.outcomes.append(outcome)
-        self.counts[outcome.state] += 1
-        self.best = SearchResult(self.spec, self.outcomes).best
-
     def _summary(self) -> str:
-        c = self.counts
+        assert self.finished is not None
+        c = self.finished.counts()
         return (f"trials: [green]{c['COMPLETE']} complete[/] · [yellow]{c['PRUNED']} pruned[/]"
                 f" · [red]{c['FAIL']} failed[/]")
 
     def _update_best(self) -> None:
-        assert self.spec is not None
-        if self.best is None:
+        assert self.spec is not None and self.finished is not None
+        best = self.finished.best
+        if best is None:
             self.best_line.plain = f"best {self.spec.objective}: none yet"
             return
         self.best_line.plain = (
-            f"best {self.spec.objective} {self.best.value:.4f} (trial {self.best.number}): "
-            f"{format_params(self.best.params, self._searched)}"
+            f"best {self.spec.objective} {best.value:.4f} (trial {best.number}): "
+            f"{format_params(best.params, self._searched)}"
         )
 
 

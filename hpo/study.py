@@ -22,7 +22,7 @@ from pydantic import (
 
 from hpo.space import Scalar, SearchSpace, SpaceError
 from imgcls.data import DataConfig
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, first_line
 from imgcls.metrics import Direction, metric_direction
 from imgcls.models import MODELS, check_image_size
 from imgcls.train import OPTIMIZERS
@@ -180,7 +180,7 @@ def load_study(name_or_path: str, overrides: Mapping[str, Any] | None = None) ->
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise StudyError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: a study file must be a mapping of settings")
     raw.setdefault("name", path.stem)

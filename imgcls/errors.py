@@ -6,6 +6,12 @@ The command line prints these without a traceback and exits 2; anything else is 
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class ImgclsError(Exception):
     """Base of every error caused by input: a bad path, a bad setting, an unknown name."""
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.backends.base import BACKENDS, SearchObserver, counts_as_finished
-from hpo.objective import TrialOutcome, run_trial
+from hpo.objective import INTERRUPTED, TrialOutcome, run_trial
 from hpo.study import StudyError, StudySpec
+from imgcls.errors import first_line
 from imgcls.registry import Registry
 
 if TYPE_CHECKING:
@@ -63,8 +64,8 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage:
         try:
             return optuna.storages.RDBStorage(target)
         except Exception as exc:  # driver missing, server down, bad URL: all the user's to fix
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StudyError(f"cannot open the Optuna storage {target}: {first}") from None
+            raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
+                             ) from None
     path = Path(target).expanduser() if target else store.journal_path
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
@@ -112,7 +113,7 @@ class OptunaStudy:
                 outcome = run_trial(ctx, trial.number, trial.params, should_prune,
                                     observer.epoch_finished)
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted")
+                trial.set_user_attr("fail_reason", INTERRUPTED)
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
             for key, value in (("mlflow_run_id", outcome.run_id),

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imgcls.data.sources import Catalog, Source
-from imgcls.errors import DataError
+from imgcls.errors import DataError, first_line
 
 # Bump when the decoding below changes, so that caches written by older code are not reused.
 CACHE_FORMAT = 1
@@ -49,8 +49,7 @@ def cache_key(catalog: Catalog, image_size: int, channels: int) -> str:
 
 
 def load_images(source: Source, catalog: Catalog, image_size: int, channels: int,
-                cache_dir: Path | None = None, progress: Progress | None = None,
-                workers: int | None = None) -> np.ndarray:
+                cache_dir: Path | None = None, progress: Progress | None = None) -> np.ndarray:
     """The decoded images of `catalog`, from the cache when it holds them, else decoded now."""
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, not {channels}")
@@ -78,11 +77,11 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
         try:
             out[index] = to_array(source.load(index), image_size, channels)
         except Exception as exc:  # any decoder error means the same thing: not a usable image
-            bad.append(f"{catalog.ids[index]} ({str(exc).splitlines()[0] or type(exc).__name__})")
+            bad.append(f"{catalog.ids[index]} ({first_line(exc)})")
 
     try:
         # PIL releases the GIL while decoding and resizing, so threads use every core.
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for done, _ in enumerate(pool.map(decode, range(len(catalog))), start=1):
                 if progress and (done % 64 == 0 or done == len(catalog)):
                     progress(done, len(catalog))
