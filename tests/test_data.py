@@ -160,3 +160,18 @@ def test_channel_stats_are_on_the_unit_scale() -> None:
     images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)
     mean, std = channel_stats(images)
     assert mean == (0.5,) and abs(std[0] - 0.7071) < 1e-3
+
+
+def test_a_decoder_error_without_a_message_is_still_listed(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", per_class=3)
+
+    class Silent(FolderSource):
+        def load(self, index: int) -> Image.Image:
+            if index == 0:
+                raise OSError  # some decoders raise with no message at all
+            return super().load(index)
+
+    source = Silent(root)
+    with pytest.raises(DataError, match=r"1 of 6 files could not be read as images: "
+                                        r"ants/000.png \(OSError\)"):
+        load_images(source, source.scan(), 16, 3)
