@@ -35,9 +35,25 @@ class Catalog:
     labels: np.ndarray  # int64, indexes `classes`
     classes: tuple[str, ...]
     fingerprint: str  # changes when an image, a label or the class list changes
+    # Optional per-image facts a split may use: the group (patient, subject) each image belongs
+    # to, and the split the source itself assigns (an index into SPLIT_NAMES, -1 for none).
+    groups: tuple[str, ...] | None = None
+    given: np.ndarray | None = None  # int8
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, indices: np.ndarray) -> Catalog:
+        """The images at `indices`, in that order, with the same classes (e.g. without the files
+        that could not be read). The fingerprint says which images were kept."""
+        indices = np.asarray(indices, dtype=np.int64)
+        ids = tuple(self.ids[i] for i in indices)
+        return Catalog(
+            self.source, ids, self.labels[indices], self.classes,
+            _digest(self.fingerprint, "subset", ids),
+            None if self.groups is None else tuple(self.groups[i] for i in indices),
+            None if self.given is None else self.given[indices],
+        )
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
