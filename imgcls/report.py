@@ -1,0 +1,165 @@
+"""Evaluation artifacts: learning curves, ROC curves, confusion matrix, per-class report and a
+predictions CSV.
+
+Plots are matplotlib `Figure` objects made without pyplot (no global state, no display needed);
+the caller saves or logs them. Where a plot needs computed data (ROC curves), that step is a
+separate function returning plain data, so it is tested without drawing.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.metrics import auc as _area
+from sklearn.metrics import classification_report as _classification_report
+from sklearn.metrics import roc_curve as _roc_curve
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# (panel title, y label, history keys) of the learning-curve panels, left to right.
+CURVE_PANELS = (
+    ("loss", "cross-entropy (nats per image)", ("train_loss", "val_loss")),
+    ("accuracy", "share of images correct", ("train_acc", "val_acc")),
+)
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """One ROC curve: false- and true-positive rates at each threshold, and the area under it."""
+
+    label: str  # the class scored as positive
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auc: float
+
+
+def plot_curves(history: Sequence[dict[str, float]], best_epoch: int | None = None) -> Figure:
+    """Loss (left) and accuracy (right) per epoch, train and validation: one line per key of
+    CURVE_PANELS present in `history`, and a dashed vertical line at `best_epoch` if given.
+
+    `history` is one dict per epoch as the training engine records it; epochs are its `epoch`
+    values, else 1, 2, ... A NaN (a diverged epoch) leaves a gap in its line.
+    """
+    from matplotlib.figure import Figure
+
+    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, len(CURVE_PANELS))
+    for ax, (title, ylabel, keys) in zip(axes, CURVE_PANELS, strict=True):
+        for key in keys:
+            if any(key in row for row in history):
+                ax.plot(epochs, [row.get(key, np.nan) for row in history], marker=".",
+                        label=key.split("_")[0])
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch {best_epoch}")
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+               positive: int = 1) -> list[RocCurve]:
+    """Two classes: the one curve of `probs[:, positive]`. More: one curve per class, one vs
+    the rest. A class without both positive and negative images has no curve and is left out."""
+    y, p = np.asarray(y_true), np.asarray(probs)
+    scored = [positive] if len(classes) == 2 else range(len(classes))
+    curves = []
+    for c in scored:
+        hit = y == c
+        if hit.all() or not hit.any():
+            continue
+        fpr, tpr, _ = _roc_curve(hit, p[:, c])
+        curves.append(RocCurve(str(classes[c]), fpr, tpr, float(_area(fpr, tpr))))
+    return curves
+
+
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive: int = 1,
+             title: str = "") -> Figure:
+    """The curves of `roc_curves`, each labelled with its AUC, over the dotted chance diagonal."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    for curve in roc_curves(y_true, probs, classes, positive):
+        ax.plot(curve.fpr, curve.tpr, label=f"{curve.label} (AUC {curve.auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+           title=title, aspect="equal")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: tuple[str, ...] | list[str],
+                          title: str = "") -> Figure:
+    """Counts per (true, predicted) class, shaded by each true class's share."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    n = len(classes)
+    size = min(3 + 0.45 * n, 14)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.add_subplot()
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set(xticks=range(n), yticks=range(n), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
+    ax.tick_params(axis="x", labelrotation=45 if n > 4 else 0)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+                          ) -> tuple[str, dict[str, Any]]:
+    """scikit-learn's per-class precision, recall, F1 and support of the most probable class,
+    as text and as a JSON-able dict. Every class is listed, even one absent from `y_true`
+    (its scores are 0, not an error)."""
+    y_pred = np.asarray(probs).argmax(1)
+    options: dict[str, Any] = dict(labels=list(range(len(classes))),
+                                   target_names=[str(c) for c in classes], zero_division=0)
+    text = _classification_report(y_true, y_pred, digits=4, **options)
+    table = _classification_report(y_true, y_pred, output_dict=True, **options)
+    return text, _plain(table)
+
+
+def write_predictions(path: str | Path, ids: Sequence[str | Path], y_true: np.ndarray | None,
+                      probs: np.ndarray, classes: Sequence[str]) -> Path:
+    """One CSV row per image: `file` (its id), `label` (true class name; empty when `y_true` is
+    None), `prediction` (most probable class name), then `p_<class>` per class, 6 decimals."""
+    p = np.asarray(probs)
+    if p.shape != (len(ids), len(classes)) or (y_true is not None and len(y_true) != len(ids)):
+        raise ValueError(f"{len(ids)} ids, {'no' if y_true is None else len(y_true)} labels "
+                         f"and probs of shape {p.shape} for {len(classes)} classes do not match")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [str(c) for c in classes]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["file", "label", "prediction", *(f"p_{c}" for c in names)])
+        for i, row in enumerate(p):
+            label = "" if y_true is None else names[int(y_true[i])]
+            out.writerow([str(ids[i]), label, names[int(row.argmax())],
+                          *(f"{v:.6f}" for v in row)])
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars in nested dicts as Python numbers, so `json.dumps` takes them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
