@@ -2,20 +2,24 @@
 
 One name everywhere: `val_f1` is what a study optimizes, what MLflow logs, and what early
 stopping and best-epoch selection watch. Epoch metrics are `<split>_<metric>`.
+
+Every score is computed from confusion matrices, per-image losses and weighted ranks, for a
+batch of "resamples" at once: the point estimate is the batch of one unweighted sample, and the
+bootstrap in `test_metrics` is the same arithmetic on 1,000 resampled weightings, with no
+per-resample scikit-learn call. Tests check each value against scikit-learn.
+
+Undefined values are NaN, never an exception: AUC or specificity when the labels hold one class
+only, accuracy of an empty set, kappa when chance agreement is 1.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from sklearn.metrics import confusion_matrix as _confusion_matrix
-from sklearn.metrics import f1_score
 
 from imgcls.errors import ConfigError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 Direction = Literal["max", "min"]
 
@@ -25,11 +29,17 @@ EPOCH_METRICS: dict[str, Direction] = {
     "train_acc": "max",
     "val_loss": "min",
     "val_acc": "max",
+    "val_bal_acc": "max",
     "val_f1": "max",
+    "val_sens": "max",
+    "val_spec": "max",
+    "val_auc": "max",
 }
 # What a study may optimize and early stopping may watch: validation metrics only, since the
 # training metrics reward memorisation and the test split never drives selection.
 OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m.startswith("val_"))
+# Sensitivity and specificity need one positive class: only a two-class task reports them.
+BINARY_ONLY = frozenset({"sens", "spec"})
 
 
 def metric_direction(name: str) -> Direction:
@@ -38,6 +48,24 @@ def metric_direction(name: str) -> Direction:
             f"unknown objective metric {name!r} (valid: {', '.join(OBJECTIVE_METRICS)})"
         )
     return EPOCH_METRICS[name]
+
+
+def objective_available(name: str, num_classes: int) -> bool:
+    """Whether training on `num_classes` classes reports the objective metric `name`."""
+    if name not in OBJECTIVE_METRICS:
+        return False
+    return num_classes == 2 or name.split("_", 1)[1] not in BINARY_ONLY
+
+
+def check_objective(name: str, num_classes: int) -> Direction:
+    """The direction of `name`, or a ConfigError when the metric is unknown or, like
+    `val_sens`, needs a two-class task and the data has `num_classes` classes."""
+    direction = metric_direction(name)
+    if not objective_available(name, num_classes):
+        valid = [m for m in OBJECTIVE_METRICS if objective_available(m, num_classes)]
+        raise ConfigError(f"objective metric {name!r} needs two classes but the data has "
+                          f"{num_classes}; use one of: {', '.join(valid)}")
+    return direction
 
 
 def is_better(value: float, best: float | None, direction: Direction, min_delta: float = 0.0
@@ -50,40 +78,173 @@ def is_better(value: float, best: float | None, direction: Direction, min_delta:
     return value > best + min_delta if direction == "max" else value < best - min_delta
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
-                           ) -> dict[str, float]:
-    """Accuracy and macro-F1 (every class weighs the same, however rare; a class never
-    predicted scores F1 = 0 rather than raising)."""
-    labels = list(range(num_classes))
-    return {
-        "acc": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
-        "f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-    }
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int,
+                           positive: int = 1) -> dict[str, float]:
+    """Scores of softmax probabilities `probs` (N, K) against integer labels `y_true` (N,);
+    the prediction is the most probable class.
+
+    `acc`; `bal_acc` (mean recall over the classes present in `y_true`); `f1` (macro: every one
+    of the `num_classes` classes weighs the same, however rare, and a class never predicted
+    scores 0 rather than raising); `auc` (ROC-AUC: of `probs[:, positive]` for two classes,
+    else the macro one-vs-rest mean over the classes present); for two classes only, `sens`
+    (recall of class `positive`) and `spec` (recall of the other class).
+    """
+    y, p = _check_inputs(y_true, probs, num_classes, positive)
+    n = len(y)
+    pair = y * num_classes + p.argmax(1)
+    cm = np.bincount(pair, minlength=num_classes**2).reshape(1, num_classes, num_classes)
+    scores = _confusion_scores(cm, positive)
+    scores["auc"] = _auc(y, p, np.ones((1, n)), positive)
+    names = ["acc", "bal_acc", "f1"] + (["sens", "spec"] if num_classes == 2 else []) + ["auc"]
+    return {name: float(scores[name][0]) for name in names}
+
+
+def test_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int, *,
+                 prefix: str = "test", n_boot: int = 1000, confidence: float = 0.95,
+                 seed: int = 0, positive: int = 1) -> dict[str, float]:
+    """Held-out scores with percentile-bootstrap confidence intervals.
+
+    Point estimates `<prefix>_acc`, `_bal_acc`, `_f1`, `_kappa` (Cohen's), `_log_loss` (nats
+    per image), `_auc`, and for two classes `_sens` and `_spec`, as in `classification_metrics`.
+    For each, `<name>_ci_low` and `<name>_ci_high`: the central `confidence` share of the
+    metric over `n_boot` resamples of the test images drawn with replacement: resample b is
+    row b of `np.random.default_rng(seed).integers(0, N, (n_boot, N))`. Resamples where a
+    metric is undefined (say, AUC with one class drawn) are left out of that metric's
+    interval, and an interval with no defined resample is NaN. `n_boot=0` gives point
+    estimates only.
+    """
+    if not 0 < confidence < 1:
+        raise ConfigError(f"bootstrap confidence {confidence} is not between 0 and 1; "
+                          "use a share such as 0.95")
+    if n_boot < 0:
+        raise ConfigError(f"bootstrap resamples n_boot={n_boot} is negative; use 0 for no "
+                          "intervals or a count such as 1000")
+    y, p = _check_inputs(y_true, probs, num_classes, positive)
+    n, k = len(y), num_classes
+    names = ["acc", "bal_acc", "f1", "kappa", "log_loss", "auc"]
+    names += ["sens", "spec"] if k == 2 else []
+    pair = y * k + p.argmax(1)
+    losses = _image_log_losses(y, p)
+
+    def scores(counts: np.ndarray, cm: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric for a batch of weightings `counts` (B, N) with confusion matrices
+        `cm` (B, K, K)."""
+        out = _confusion_scores(cm, positive)
+        with np.errstate(invalid="ignore"):  # an empty set has no mean loss: NaN
+            out["log_loss"] = counts @ losses / counts.sum(1)
+        out["auc"] = _auc(y, p, counts, positive)
+        return out
+
+    point = scores(np.ones((1, n)), np.bincount(pair, minlength=k * k).reshape(1, k, k))
+    result = {f"{prefix}_{name}": float(point[name][0]) for name in names}
+    if n_boot == 0:
+        return result
+
+    rng = np.random.default_rng(seed)
+    # Resamples per chunk: each chunk holds a few (B, N) arrays of ~4M elements (~32 MB).
+    per_chunk = max(1, 4_000_000 // max(n, 1))
+    chunks: list[dict[str, np.ndarray]] = []
+    for start in range(0, n_boot if n else 0, per_chunk):  # no images: nothing to resample
+        b = min(per_chunk, n_boot - start)
+        picks = rng.integers(0, n, size=(b, n))  # image indices of each resample
+        row = np.arange(b)[:, None]
+        counts = np.bincount((row * n + picks).ravel(), minlength=b * n).reshape(b, n)
+        cm = np.bincount((row * k * k + pair[picks]).ravel(), minlength=b * k * k)
+        chunks.append(scores(counts.astype(np.float64), cm.reshape(b, k, k)))
+    tail = (1 - confidence) / 2 * 100  # percent of resamples below the interval
+    for name in names:
+        values = np.concatenate([chunk[name] for chunk in chunks] or [np.empty(0)])
+        values = values[~np.isnan(values)]
+        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (np.nan,) * 2
+        result[f"{prefix}_{name}_ci_low"] = float(low)
+        result[f"{prefix}_{name}_ci_high"] = float(high)
+    return result
+
+
+test_metrics.__test__ = False  # type: ignore[attr-defined]  # a library function: pytest, skip it
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     return _confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
 
 
-def plot_confusion_matrix(matrix: np.ndarray, classes: tuple[str, ...] | list[str],
-                          title: str = "") -> Figure:
-    """Counts per (true, predicted) class, shaded by each true class's share."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+def _check_inputs(y_true: np.ndarray, probs: np.ndarray, num_classes: int, positive: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as int64 (N,) and probabilities as (N, K); shape mismatches are caller bugs."""
+    y = np.asarray(y_true).astype(np.int64, copy=False).reshape(-1)
+    p = np.asarray(probs)
+    if p.ndim != 2 or p.shape != (len(y), num_classes):
+        raise ValueError(f"probs has shape {p.shape}; expected ({len(y)}, {num_classes}): "
+                         "one row per label, one column per class")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {y.min()}..{y.max()}")
+    if num_classes == 2 and positive not in (0, 1):
+        raise ValueError(f"positive class {positive} is not 0 or 1")
+    return y, p
 
-    n = len(classes)
-    size = min(3 + 0.45 * n, 14)
-    fig = Figure(figsize=(size + 1, size))
-    ax = fig.add_subplot()
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="true", title=title)
-    ax.tick_params(axis="x", labelrotation=45 if n > 4 else 0)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if share[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    return fig
+
+def _confusion_scores(cm: np.ndarray, positive: int) -> dict[str, np.ndarray]:
+    """acc, bal_acc, f1 (macro), kappa and, for two classes, sens and spec: one value per
+    confusion matrix in `cm` (B, K, K), rows true, columns predicted."""
+    cm = cm.astype(np.float64)
+    n = cm.sum((1, 2))
+    hits = np.diagonal(cm, axis1=1, axis2=2)  # (B, K) true positives per class
+    support = cm.sum(2)  # images per true class
+    predicted = cm.sum(1)  # images per predicted class
+    with np.errstate(divide="ignore", invalid="ignore"):  # the undefined cases become NaN
+        recall = hits / support
+        acc = hits.sum(1) / n
+        present = support > 0
+        bal_acc = np.where(present, recall, 0).sum(1) / present.sum(1)
+        f1_denominator = support + predicted
+        f1 = np.where(f1_denominator > 0, 2 * hits / f1_denominator, 0).mean(1)
+        f1 = np.where(n > 0, f1, np.nan)  # no images: no score, not a score of 0
+        chance = (support * predicted).sum(1) / n**2  # agreement expected by chance
+        kappa = np.where(chance < 1, (acc - chance) / (1 - chance), np.nan)
+    out = {"acc": acc, "bal_acc": bal_acc, "f1": f1, "kappa": kappa}
+    if cm.shape[1] == 2:
+        out["sens"], out["spec"] = recall[:, positive], recall[:, 1 - positive]
+    return out
+
+
+def _image_log_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """-log p(true class) per image, in nats; probabilities clipped to [eps, 1 - eps] of their
+    dtype as scikit-learn does, so a confident mistake costs ~36.7 (float64), not infinity."""
+    dtype = p.dtype if np.issubdtype(p.dtype, np.floating) else np.float64
+    eps = np.finfo(dtype).eps
+    chosen = p[np.arange(len(y)), y].astype(np.float64)
+    return -np.log(np.clip(chosen, eps, 1 - eps))
+
+
+def _auc(y: np.ndarray, p: np.ndarray, counts: np.ndarray, positive: int) -> np.ndarray:
+    """ROC-AUC per weighting in `counts` (B, N): of `p[:, positive]` for two classes, else the
+    mean one-vs-rest AUC over the classes defined in that weighting (NaN when none is)."""
+    k = p.shape[1]
+    if k == 2:
+        return _ranked_auc(p[:, positive], y == positive, counts)
+    per_class = np.stack([_ranked_auc(p[:, c], y == c, counts) for c in range(k)])  # (K, B)
+    defined = ~np.isnan(per_class)
+    with np.errstate(invalid="ignore"):
+        return np.where(defined, per_class, 0).sum(0) / defined.sum(0)
+
+
+def _ranked_auc(score: np.ndarray, is_positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC per weighting (B, N): the weighted share of (positive, negative) pairs
+    where the positive scores higher, ties counting one half.
+
+    Where each positive falls among the sorted negative scores does not depend on the weights,
+    so it is found once; each weighting then needs one cumulative sum of its negatives' counts
+    and a lookup per positive."""
+    negatives = np.flatnonzero(~is_positive)
+    negatives = negatives[np.argsort(score[negatives], kind="stable")]
+    positives = np.flatnonzero(is_positive)
+    sorted_scores = score[negatives]
+    lower = np.searchsorted(sorted_scores, score[positives], side="left")  # strictly below
+    upper = np.searchsorted(sorted_scores, score[positives], side="right")  # below or tied
+    cum = np.zeros((len(counts), len(negatives) + 1))
+    np.cumsum(counts[:, negatives], axis=1, out=cum[:, 1:])  # cum[:, j]: the j lowest negatives
+    pos_counts = counts[:, positives]
+    wins = np.einsum("bi,bi->b", pos_counts, cum[:, lower] + cum[:, upper]) / 2
+    pairs = pos_counts.sum(1) * cum[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, wins / pairs, np.nan)
