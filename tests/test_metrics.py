@@ -1,5 +1,4 @@
 import math
-import time
 import warnings
 
 import numpy as np
@@ -175,10 +174,3 @@ def test_bootstrap_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="n_boot=-1 is negative"):
         metrics.test_metrics(y, p, 2, n_boot=-1)
 
-
-def test_bootstrap_of_2000_images_takes_well_under_a_second() -> None:
-    y, p = scored(2000, 2)
-    metrics.test_metrics(y, p, 2, n_boot=50)  # warm-up
-    started = time.perf_counter()
-    metrics.test_metrics(y, p, 2, n_boot=1000)
-    assert time.perf_counter() - started < 0.5  # ~0.05 s measured on 2 CPU cores
