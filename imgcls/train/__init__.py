@@ -1,4 +1,4 @@
-"""Training: optimizers, early stopping, and the epoch loop."""
+"""Training: optimizers, learning-rate schedules, losses, early stopping, and the epoch loop."""
 
 from imgcls.train.callbacks import Decision, EarlyStopping
 from imgcls.train.engine import (
@@ -11,11 +11,21 @@ from imgcls.train.engine import (
     fit,
     train_one_epoch,
 )
-from imgcls.train.optim import OPTIMIZERS, build_optimizer
+from imgcls.train.losses import build_loss, class_weights, l2_penalty, penalized_weights
+from imgcls.train.optim import OPTIMIZERS, build_optimizer, trainable_parameters
 from imgcls.train.runtime import resolve_device, seed_everything
+from imgcls.train.schedules import (
+    SCHEDULERS,
+    Schedule,
+    SchedulePlan,
+    build_scheduler,
+    lr_multiplier,
+)
 
 __all__ = [
-    "OPTIMIZERS", "Decision", "Diverged", "EarlyStopping", "EpochCallback", "Evaluation",
-    "FitResult", "TrainConfig", "build_optimizer", "evaluate", "fit", "resolve_device",
-    "seed_everything", "train_one_epoch",
+    "OPTIMIZERS", "SCHEDULERS", "Decision", "Diverged", "EarlyStopping", "EpochCallback",
+    "Evaluation", "FitResult", "Schedule", "SchedulePlan", "TrainConfig", "build_loss",
+    "build_optimizer", "build_scheduler", "class_weights", "evaluate", "fit", "l2_penalty",
+    "lr_multiplier", "penalized_weights", "resolve_device", "seed_everything",
+    "train_one_epoch", "trainable_parameters",
 ]

@@ -3,6 +3,9 @@
 `fit` knows nothing of hyperparameter search. It calls `on_epoch_end(epoch, metrics)` after each
 epoch; a callback that returns a string stops training, and the string is recorded as the
 reason (a search uses this to prune). Epochs are numbered from 1.
+
+Policies decided here: a NaN or infinite training loss raises Diverged; the learning-rate
+schedule steps after every optimizer step; the best epoch's weights are restored at the end.
 """
 
 from __future__ import annotations
@@ -15,25 +18,67 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from imgcls.data.batches import Batches
+from imgcls.errors import ConfigError, DataError
 from imgcls.metrics import classification_metrics, metric_direction
 from imgcls.train.callbacks import EarlyStopping
-from imgcls.train.optim import build_optimizer
+from imgcls.train.losses import build_loss, l2_penalty, penalized_weights
+from imgcls.train.optim import OPTIMIZERS, build_optimizer
+from imgcls.train.schedules import SCHEDULERS, SchedulePlan, build_scheduler
 
 EpochCallback = Callable[[int, dict[str, float]], str | None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """How to train. A value that cannot work raises ConfigError here, before any data is
+    touched. The defaults train with constant-rate SGD and a plain cross-entropy loss."""
+
+    # Optimizer
     optimizer: str = "sgd"  # a name in OPTIMIZERS
-    lr: float = 0.01
+    lr: float = 0.01  # base learning rate per step; the peak when a schedule varies it
     momentum: float = 0.9  # SGD momentum, Adam's beta1
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0  # training loss only: validation loss is plain cross-entropy
+    nesterov: bool = False  # SGD only; with momentum 0 it is plain SGD, not an error
+    weight_decay: float = 0.0  # the optimizer's decay, on every trainable parameter
+    # Learning-rate schedule, stepped per optimizer step over max_epochs * batches per epoch
+    scheduler: str = "none"  # a name in SCHEDULERS: none, step, cosine, onecycle
+    warmup_epochs: float = 0.0  # epochs of linear warm-up from lr/10 (fractions allowed);
+    # for onecycle, the length of its rising phase (0: torch's 30% of the steps)
+    lr_gamma: float = 0.1  # step: factor applied to the rate at each boundary
+    lr_step_epochs: int | None = None  # step: epochs between boundaries; None: max_epochs // 3
+    # Training loss (validation loss stays plain cross-entropy, so that trials compare)
+    label_smoothing: float = 0.0  # share of the target mass spread over all classes
+    class_weighted: bool = False  # weigh class c by n / (K * count_c) of the training labels,
+    # so that a rare class (800 TB among 3,800 healthy) counts as much as a common one
+    l2: float = 0.0  # adds l2 * sum(w ** 2) over conv/linear weights (not biases or norm
+    # layers) to the training loss; the explicit form of weight decay, kept to compare the two
+    # Epochs and selection
     max_epochs: int = 10
     patience: int | None = None  # epochs without a better `monitor` before stopping
     monitor: str = "val_f1"  # picks the best epoch, and drives early stopping
+
+    def __post_init__(self) -> None:
+        OPTIMIZERS.entry(self.optimizer)  # an unknown name raises, listing the known ones
+        SCHEDULERS.entry(self.scheduler)
+        metric_direction(self.monitor)
+        if self.max_epochs < 1:
+            raise ConfigError(f"max_epochs must be at least 1, not {self.max_epochs}")
+        if not 0 <= self.warmup_epochs < self.max_epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, max_epochs = {self.max_epochs}), "
+                              f"not {self.warmup_epochs}: shorten the warm-up")
+        if not self.lr_gamma > 0:
+            raise ConfigError(f"lr_gamma must be above 0, not {self.lr_gamma}")
+        if self.lr_step_epochs is not None and self.lr_step_epochs < 1:
+            raise ConfigError(f"lr_step_epochs must be at least 1, not {self.lr_step_epochs} "
+                              "(None steps every third of max_epochs)")
+        if not self.l2 >= 0:
+            raise ConfigError(f"l2 must be 0 or more, not {self.l2}")
+
+    def schedule_plan(self, steps_per_epoch: int) -> SchedulePlan:
+        return SchedulePlan(steps_per_epoch, self.max_epochs, self.warmup_epochs, self.lr_gamma,
+                            self.lr_step_epochs)
 
 
 class Diverged(RuntimeError):
@@ -46,7 +91,7 @@ class Diverged(RuntimeError):
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]  # <prefix>_loss, <prefix>_acc, <prefix>_f1
+    metrics: dict[str, float]  # <prefix>_loss, and <prefix>_<name> per classification metric
     y_true: np.ndarray
     y_pred: np.ndarray
     probs: np.ndarray  # (N, classes) softmax probabilities
@@ -66,8 +111,17 @@ class FitResult:
 
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
-                    loss_fn: nn.Module) -> dict[str, float]:
+                    loss_fn: nn.Module, scheduler: LRScheduler | None = None, l2: float = 0.0
+                    ) -> dict[str, float]:
+    """One pass over `batches`, stepping `scheduler` after every optimizer step.
+
+    Returns train_loss: the data loss averaged over images, without the l2 penalty (so that it
+    compares across l2 values); train_acc; lr: the rate of the epoch's first step (of the first
+    parameter group).
+    """
     model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    weights = penalized_weights(model) if l2 > 0 else []
     # Sums stay on the device: one synchronisation per epoch instead of one per step.
     loss_sum = torch.zeros((), device=batches.device)
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
@@ -75,13 +129,16 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     for x, y in batches:
         logits = model(x)
         loss = loss_fn(logits, y)
+        objective = loss + l2 * l2_penalty(weights) if weights else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "lr": lr}
 
 
 @torch.inference_mode()
@@ -98,7 +155,7 @@ def evaluate(model: nn.Module, batches: Batches, num_classes: int, prefix: str =
     p = torch.cat(probs).numpy()
     y_true = torch.cat(labels).numpy()
     y_pred = p.argmax(1)
-    scores = classification_metrics(y_true, y_pred, num_classes)
+    scores = classification_metrics(y_true, p, num_classes)
     metrics = {f"{prefix}_loss": loss_sum.item() / len(y_true),
                **{f"{prefix}_{k}": v for k, v in scores.items()}}
     return Evaluation(metrics, y_true, y_pred, p)
@@ -107,14 +164,18 @@ def evaluate(model: nn.Module, batches: Batches, num_classes: int, prefix: str =
 def fit(model: nn.Module, train: Batches, val: Batches, config: TrainConfig, num_classes: int,
         on_epoch_end: EpochCallback | None = None) -> FitResult:
     """Train up to `config.max_epochs` epochs; leave the model holding its best epoch's weights."""
+    if len(train) == 0:
+        raise DataError("the training split has no images: there is nothing to train on")
     optimizer = build_optimizer(config.optimizer, model, config.lr, config.momentum,
-                                config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+                                config.weight_decay, config.nesterov)
+    scheduler = build_scheduler(config.scheduler, optimizer, config.schedule_plan(len(train)))
+    loss_fn = build_loss(num_classes, train.labels, config.label_smoothing,
+                         config.class_weighted)
     stopper = EarlyStopping(metric_direction(config.monitor), config.patience)
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     for epoch in range(1, config.max_epochs + 1):
-        metrics = train_one_epoch(model, train, optimizer, loss_fn)
+        metrics = train_one_epoch(model, train, optimizer, loss_fn, scheduler, config.l2)
         if not math.isfinite(metrics["train_loss"]):
             raise Diverged(epoch)
         evaluation = evaluate(model, val, num_classes)
