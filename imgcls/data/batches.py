@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from imgcls.data.augment import Augment
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,15 +23,18 @@ class Batches:
     """Iterate (images, labels) batches of a uint8 image tensor.
 
     The images move to `device` once, as uint8 (a quarter of float32's size); each batch is
-    indexed there, converted to float, flipped at random when training, and normalized.
-    Training batches are reshuffled every epoch by a generator seeded once, so a seed fixes the
-    order of every epoch; the last incomplete training batch is dropped (a batch of one breaks
-    batch normalization), and the batch size is capped at the number of images.
+    indexed there, converted to float on the 0..1 scale, augmented there by `augment` when
+    training (never when evaluating), and normalized. Training batches are reshuffled every epoch
+    by a CPU generator seeded once, which also makes every augmentation draw, so a seed fixes the
+    order and the augmentation of every epoch on any device; the last incomplete training batch
+    is dropped (a batch of one breaks batch normalization), and the batch size is capped at the
+    number of images.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 train: bool, mean: Sequence[float], std: Sequence[float], hflip: float = 0.0,
-                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+                 train: bool, mean: Sequence[float], std: Sequence[float],
+                 augment: Augment | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
         self.device = torch.device(device)
@@ -37,7 +42,7 @@ class Batches:
         self.labels = labels.to(self.device, torch.long)
         self.batch_size = max(1, min(batch_size, len(labels)))
         self.train = train
-        self.hflip = hflip  # probability of mirroring each training image left-right
+        self.augment = augment if train else None  # evaluation sees the images as they are
         shape = (1, images.shape[1], 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
@@ -56,7 +61,6 @@ class Batches:
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[index].float().div_(255)
-            if self.train and self.hflip > 0:
-                flip = (torch.rand(len(index), generator=self.generator) < self.hflip)
-                x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(-1), x)
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
             yield (x - self.mean) / self.std, self.labels[index]
