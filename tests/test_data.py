@@ -46,12 +46,15 @@ def test_unusable_folders_are_named(tmp_path: Path, setup, message: str) -> None
 def test_unreadable_images_are_listed_before_training(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", per_class=3)
     (root / "bees" / "broken.png").write_bytes(b"this is not a png")
-    source = FolderSource(root)
-    catalog = source.scan()
-    with pytest.raises(DataError, match=r"1 of 7 files could not be read as images: "
-                                        r"bees/broken.png"):
-        load_images(source, catalog, 16, 3, tmp_path / "cache")
-    assert not list((tmp_path / "cache").glob("*.npy"))  # no half-written cache is left
+    config = DataConfig(path=str(root), image_size=16, val_fraction=0.25, test_fraction=0.25)
+    with pytest.raises(DataError, match=r"^1 of 7 files are not usable images: "
+                                        r"bees/broken.png \(cannot identify image file.*\)\. "
+                                        r"Pass --skip-bad-images to leave them out$"):
+        prepare_data(config, seed=0, cache_dir=tmp_path / "cache")
+    # the cache holds the good images and remembers the bad one, so a re-run decodes nothing
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert not list((tmp_path / "cache").glob("*tmp*"))
 
 
 def test_split_is_stratified_and_fixed_by_the_seed() -> None:
@@ -76,7 +79,7 @@ def test_images_are_decoded_once_then_read_from_the_cache(tmp_path: Path) -> Non
     root = make_image_folder(tmp_path / "d", per_class=4)
     source = FolderSource(root)
     catalog = source.scan()
-    first = load_images(source, catalog, 16, 3, tmp_path / "cache")
+    first = load_images(source, catalog, 16, 3, tmp_path / "cache").images
     assert first.shape == (8, 3, 16, 16)
 
     class Counting(FolderSource):
@@ -86,7 +89,7 @@ def test_images_are_decoded_once_then_read_from_the_cache(tmp_path: Path) -> Non
             Counting.loads += 1
             return super().load(index)
 
-    again = load_images(Counting(root), catalog, 16, 3, tmp_path / "cache")
+    again = load_images(Counting(root), catalog, 16, 3, tmp_path / "cache").images
     assert Counting.loads == 0
     assert np.array_equal(np.asarray(again), np.asarray(first))
     # other image settings, or changed data, are other cache entries
@@ -97,7 +100,7 @@ def test_images_are_decoded_once_then_read_from_the_cache(tmp_path: Path) -> Non
 
 
 def test_images_are_converted_to_the_study_channels() -> None:
-    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 128))
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 255))
     assert to_array(rgba, 8, 3).shape == (3, 8, 8)
     assert to_array(rgba, 8, 3)[0].min() == 255  # red stays red
     gray = to_array(Image.new("L", (10, 10), 77), 8, 3)
@@ -140,6 +143,6 @@ def test_a_decoder_error_without_a_message_is_still_listed(tmp_path: Path) -> No
             return super().load(index)
 
     source = Silent(root)
-    with pytest.raises(DataError, match=r"1 of 6 files could not be read as images: "
-                                        r"ants/000.png \(OSError\)"):
-        load_images(source, source.scan(), 16, 3)
+    decoded = load_images(source, source.scan(), 16, 3)
+    assert decoded.bad == {0: "OSError"}
+    assert decoded.notes(source.scan()) == ["ants/000.png (OSError)"]

@@ -1,103 +1,223 @@
 """Decode every image once into a uint8 array that all trials of a study share.
 
 The array has shape (N, C, S, S). With a cache folder it is written there as a .npy file named by
-the catalog's fingerprint, the image size and the channels, and memory-mapped on later runs; a
-change to the data or to the image settings gives a new name, so a stale cache is never read.
+a key over the catalog's fingerprint, the image settings and the placeholder checks, and
+memory-mapped on later runs; a JSON sidecar next to it lists the images that were not usable and
+why, so that a later run neither decodes them again nor forgets them. A change to the data or to
+the settings gives a new name, so a stale cache is never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageStat
 
-from imgcls.data.sources import Catalog, Source
+from imgcls.data.sources import Catalog, Source, scale_to_uint8
 from imgcls.errors import DataError, first_line
 
-# Bump when the decoding below changes, so that caches written by older code are not reused.
-CACHE_FORMAT = 1
+# Bump when the decoding below or the cache layout changes, so that caches written by older code
+# are not reused. 2: every image mode, alpha onto black, placeholder checks, the bad-image sidecar.
+CACHE_FORMAT = 2
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
+# Modes whose pixels are gray levels: the colour-count check does not apply to them, as a
+# bilevel scan or a grayscale image with few levels is still a picture.
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# A file that decodes is still no picture when it is tiny, flat, or drawn with few colours (a
+# "not found" graphic, an icon): a photo's noise alone gives it thousands of colours.
+UNIFORM_STD = 2.0  # luminance standard deviation, on 0..255, below which an image is flat
+MAX_PLACEHOLDER_COLOURS = 64
+
 
 def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """An image as a (channels, size, size) uint8 array: upright, converted, resized.
+    """An image as a (channels, size, size) uint8 array: upright, converted, resized."""
+    return decode(image, image_size, channels)[0]
 
-    Resizing goes straight to a square (no crop), so that nothing at the border of a scan or
-    photo is lost; aspect distortion is the lesser evil for classification.
+
+def decode(image: Image.Image, image_size: int, channels: int,
+           min_side: int | None = None) -> tuple[np.ndarray, str | None]:
+    """An image as a (channels, size, size) uint8 array, and with `min_side` why it looks like a
+    placeholder rather than a picture (None when it does not).
+
+    Every PIL mode is brought to 8-bit luminance or RGB first (see `_to_8bit`); one channel is
+    luminance, three channels replicate a grayscale image. Resizing goes straight to a square
+    (no crop), so that nothing at the border of a scan or photo is lost; aspect distortion is the
+    lesser evil for classification.
     """
-    mode = "L" if channels == 1 else "RGB"
+    stored_size = image.size
     if image.format == "JPEG":
-        image.draft(mode, (image_size, image_size))  # let libjpeg decode at a reduced scale
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale, and YCbCr straight to luminance. Only that
+        # mode change is asked for: a CMYK or grayscale JPEG keeps its mode and only scales.
+        # Works only before the pixels are loaded; sources hand over images not yet decoded.
+        draft = "L" if channels == 1 and image.mode == "RGB" else image.mode
+        image.draft(draft, (image_size, image_size))
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # an animated GIF or a TIFF stack: the first frame is the image
     image = ImageOps.exif_transpose(image)  # phones store rotation as a tag, not as pixels
-    if image.mode != mode:
-        image = image.convert(mode)
+    source_mode = image.mode
+    image = _to_8bit(image)
+    reason = None if min_side is None else _placeholder(image, source_mode, stored_size, min_side)
+    target = "L" if channels == 1 else "RGB"
+    if image.mode != target:
+        image = image.convert(target)  # RGB -> L is ITU-R 601 luminance; L -> RGB replicates
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return (array[None] if channels == 1 else array.transpose(2, 0, 1)), reason
 
 
-def cache_key(catalog: Catalog, image_size: int, channels: int) -> str:
-    text = f"{catalog.fingerprint}:{image_size}:{channels}:{CACHE_FORMAT}"
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Any PIL mode as L or RGB. Transparency is composited onto black (what a network sees
+    as "nothing there"); 16-bit, 32-bit and float pixels are scaled by `scale_to_uint8`."""
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(scale_to_uint8(np.asarray(image)))
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = image.convert("LA" if mode in ("LA", "La") else "RGBA")
+        flat = Image.new("L" if rgba.mode == "LA" else "RGB", rgba.size)  # black
+        flat.paste(rgba.convert(flat.mode), mask=rgba.getchannel("A"))
+        return flat
+    # P, CMYK (PIL undoes the inverted Adobe encoding when it reads the file), YCbCr, ...
+    return image.convert("RGB")
+
+
+def _placeholder(image: Image.Image, source_mode: str, stored_size: tuple[int, int],
+                 min_side: int) -> str | None:
+    """Why an 8-bit L or RGB image looks like a placeholder, or None."""
+    width, height = stored_size
+    if min(width, height) < min_side:
+        return f"placeholder: {width}x{height} px, under {min_side} px a side"
+    luminance = image if image.mode == "L" else image.convert("L")
+    std = ImageStat.Stat(luminance).stddev[0]
+    if std < UNIFORM_STD:
+        return f"placeholder: uniform, luminance std {std:.1f}"
+    if source_mode not in GRAY_MODES:
+        colours = image.getcolors(MAX_PLACEHOLDER_COLOURS)  # None when there are more
+        if colours is not None:
+            return f"placeholder: {len(colours)} colours"
+    return None
+
+
+def cache_key(catalog: Catalog, image_size: int, channels: int, min_side: int | None) -> str:
+    text = f"{catalog.fingerprint}:{image_size}:{channels}:{min_side}:{CACHE_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """The decoded images of a catalog, and which of them are not usable."""
+
+    images: np.ndarray  # uint8 (N, C, S, S), memory-mapped from the cache; zeros where bad
+    bad: dict[int, str]  # catalog index -> why: the decoder's error, or "placeholder: ..."
+
+    def notes(self, catalog: Catalog) -> list[str]:
+        """"id (reason)" for each bad image, in catalog order."""
+        return [f"{catalog.ids[i]} ({reason})" for i, reason in sorted(self.bad.items())]
+
+
 def load_images(source: Source, catalog: Catalog, image_size: int, channels: int,
-                cache_dir: Path | None = None, progress: Progress | None = None) -> np.ndarray:
-    """The decoded images of `catalog`, from the cache when it holds them, else decoded now."""
+                cache_dir: Path | None = None, progress: Progress | None = None, *,
+                min_side: int | None = None) -> Decoded:
+    """The decoded images of `catalog`, from the cache when it holds them, else decoded now.
+
+    A file that fails to decode, or (with a `min_side`) looks like a placeholder, is recorded in
+    `Decoded.bad`; whether that stops the study is the caller's decision.
+    """
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, not {channels}")
     shape = (len(catalog), channels, image_size, image_size)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / (
-            f"{catalog.source}-{cache_key(catalog, image_size, channels)}"
+            f"{catalog.source}-{cache_key(catalog, image_size, channels, min_side)}"
             f"-{image_size}px-{channels}ch.npy"
         )
-        if path.exists():
-            cached = np.load(path, mmap_mode="r")
-            if cached.shape == shape and cached.dtype == np.uint8:
-                if progress:
-                    progress(len(catalog), len(catalog))
-                return cached
+        cached = _read_cache(path, catalog, shape)
+        if cached is not None:
+            if progress:
+                progress(len(catalog), len(catalog))
+            return cached
         path.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy") if path else None
     out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape) if tmp
-           else np.empty(shape, dtype=np.uint8))
-    bad: list[str] = []
+           else np.zeros(shape, dtype=np.uint8))
+    bad: dict[int, str] = {}
 
-    def decode(index: int) -> None:
+    def work(index: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            out[index] = to_array(source.load(index), image_size, channels)
+            with source.load(index) as image:  # closes the file, which a multi-frame TIFF keeps
+                return decode(image, image_size, channels, min_side)
         except Exception as exc:  # any decoder error means the same thing: not a usable image
-            bad.append(f"{catalog.ids[index]} ({first_line(exc)})")
+            return None, first_line(exc)
 
     try:
         # PIL releases the GIL while decoding and resizing, so threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for done, _ in enumerate(pool.map(decode, range(len(catalog))), start=1):
+            for index, (pixels, reason) in enumerate(pool.map(work, range(len(catalog)))):
+                if pixels is not None:
+                    out[index] = pixels
+                if reason is not None:
+                    bad[index] = reason
+                done = index + 1
                 if progress and (done % 64 == 0 or done == len(catalog)):
                     progress(done, len(catalog))
-        if bad:
-            bad.sort()
-            listed = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-            raise DataError(
-                f"{len(bad)} of {len(catalog)} files could not be read as images: {listed}. "
-                "Remove or replace them and run again"
-            )
-        if tmp is not None and path is not None:
-            out.flush()
-            del out
-            os.replace(tmp, path)  # atomic: a reader sees the old cache or the whole new one
-            return np.load(path, mmap_mode="r")
-        return out
+        if tmp is None or path is None:
+            return Decoded(out, bad)
+        out.flush()
+        del out
+        _write_sidecar(path, catalog, bad)
+        os.replace(tmp, path)  # atomic: a reader sees the old cache or the whole new one
+        return Decoded(np.load(path, mmap_mode="r"), bad)
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _write_sidecar(path: Path, catalog: Catalog, bad: dict[int, str]) -> None:
+    """The bad images of a cache entry, by id, written before the .npy so that a reader that
+    finds the .npy finds its sidecar too."""
+    meta = {"format": CACHE_FORMAT, "images": len(catalog),
+            "bad": {catalog.ids[i]: reason for i, reason in sorted(bad.items())}}
+    tmp = _sidecar(path).with_suffix(f".tmp{os.getpid()}.json")
+    try:
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, _sidecar(path))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_cache(path: Path, catalog: Catalog, shape: tuple[int, ...]) -> Decoded | None:
+    """The cache entry at `path` when it is complete and matches, else None (decode again)."""
+    if not (path.exists() and _sidecar(path).exists()):
+        return None
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+        images = np.load(path, mmap_mode="r")
+        index = {item: i for i, item in enumerate(catalog.ids)}
+        bad = {index[item]: str(reason) for item, reason in meta["bad"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # unreadable or foreign: decoding again rewrites it
+    if images.shape != shape or images.dtype != np.uint8 or meta.get("images") != len(catalog):
+        return None
+    return Decoded(images, bad)
