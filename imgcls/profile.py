@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from imgcls.models import build_model
 
@@ -26,17 +26,34 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+
+def _attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size,
+                     *args: object, out_shape: object = None, **kwargs: object) -> int:
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+# On CPU, scaled-dot-product attention runs a kernel the counter has no formula for; it does
+# the same two matmuls as the GPU kernels the counter knows.
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass in eval mode, as torch.utils.flop_counter counts them
     (convolutions, matmuls and attention; elementwise ops are not counted)."""
     was_training = model.training
+    # nn.MultiheadAttention's eval-mode fast path is one fused op the counter does not see into:
+    # count the ordinary path, which does the same matmuls.
+    fast_attention = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     device = next(model.parameters()).device
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False,
+                                              custom_mapping=_CPU_ATTENTION) as counter:
             model(torch.zeros(input_shape, device=device))
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fast_attention)
     return int(counter.get_total_flops())
 
 
