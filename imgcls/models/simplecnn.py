@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor, nn
 
 from imgcls.models.registry import classifier_head, register_model
@@ -28,6 +30,8 @@ class SimpleCNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("simplecnn", min_image_size=8, why="three 2x max-pools")
-def simplecnn(num_classes: int, in_channels: int, dropout: float) -> nn.Module:
+@register_model("simplecnn", min_image_size=8, why="three unpadded 2x max-pools", head="head")
+def simplecnn(num_classes: int, in_channels: int, dropout: float, *,
+              image_size: int | None, weights: Path | None) -> nn.Module:
+    del image_size, weights  # any size from 8px; no pretrained weights (registered as None)
     return SimpleCNN(in_channels, num_classes, dropout=dropout)
