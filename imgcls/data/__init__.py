@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imgcls.data.augment import Augment
 from imgcls.data.batches import IMAGENET_MEAN, IMAGENET_STD, Batches, channel_stats
 from imgcls.data.cache import Decoded, Progress, decode, load_images, to_array
 from imgcls.data.sources import (
@@ -31,15 +32,12 @@ from imgcls.data.sources import (
 from imgcls.data.split import SPLIT_NAMES, SPLITS, Split, make_split, stratified_split
 from imgcls.errors import DataError
 
-if TYPE_CHECKING:
-    from imgcls.data.augment import Augment
-
 __all__ = [
     "GIVEN_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES", "SPLITS",
-    "SPLIT_NAMES", "Batches", "Catalog", "CsvSource", "DataConfig", "Decoded", "DigitsSource",
-    "FolderSource", "NpzSource", "PreparedData", "Source", "Split", "channel_stats", "decode",
-    "load_images", "make_split", "open_source", "prepare_data", "scale_to_uint8",
-    "stratified_split", "to_array",
+    "SPLIT_NAMES", "Augment", "Batches", "Catalog", "CsvSource", "DataConfig", "Decoded",
+    "DigitsSource", "FolderSource", "NpzSource", "PreparedData", "Source", "Split",
+    "channel_stats", "decode", "load_images", "make_split", "open_source", "prepare_data",
+    "scale_to_uint8", "stratified_split", "to_array",
 ]
 
 

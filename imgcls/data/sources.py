@@ -402,10 +402,14 @@ def _inside(root: Path, written: str) -> tuple[Path, str, str]:
     (_, _, the problem). The id is the path relative to the root as written, normalized."""
     given = Path(written)
     full = given if given.is_absolute() else root / given
-    resolved = full.resolve()
+    try:
+        resolved = full.resolve()
+        is_file = resolved.is_file()
+    except (OSError, ValueError) as exc:  # a symlink loop, a NUL byte in the path
+        return full, "", f"cannot use path {written!r} ({first_line(exc)})"
     if not resolved.is_relative_to(root):
         return full, "", f"{written} is outside the data folder {root}; keep images below it"
-    if not resolved.is_file():
+    if not is_file:
         return full, "", f"file not found: {written}"
     lexical = Path(os.path.normpath(full))
     base = lexical if lexical.is_relative_to(root) else resolved
