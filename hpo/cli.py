@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from imgcls.errors import ImgclsError
+from imgcls.metrics import OBJECTIVE_METRICS
 
 app = typer.Typer(
     name="imgcls-hpo", no_args_is_help=True, add_completion=False,
@@ -74,8 +75,16 @@ def search(
     seed: int | None = typer.Option(None, "--seed"),
     image_size: int | None = typer.Option(None, "--image-size"),
     data: Path | None = typer.Option(None, "--data", help="The data folder."),
-    objective: str | None = typer.Option(None, "--objective",
-                                         help="val_f1, val_acc or val_loss."),
+    objective: str | None = typer.Option(None, "--objective", help="A validation metric: "
+                                         f"{', '.join(OBJECTIVE_METRICS)}."),
+    skip_bad_images: bool = typer.Option(
+        False, "--skip-bad-images",
+        help="Leave out unreadable files and placeholders (listed in the study run) instead of "
+             "stopping."),
+    settings: list[str] | None = typer.Option(
+        None, "--set", metavar="KEY=VALUE",
+        help="Any study setting, e.g. data.split=sorted, data.classes=[health,tb], "
+             "weights_dir=~/weights (values read as YAML)."),
     sampler: str | None = typer.Option(None, "--sampler", help="tpe or random."),
     pruner: str | None = typer.Option(None, "--pruner", help="median or none."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
@@ -98,7 +107,7 @@ def search(
     from hpo.search import run_search
     from hpo.space import SpaceError
     from hpo.store import Store
-    from hpo.study import load_study
+    from hpo.study import StudyError, load_study
 
     overrides: dict[str, Any] = {
         "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
@@ -108,6 +117,14 @@ def search(
         "space.arch": arch, "space.weight_decay": weight_decay, "space.dropout": dropout,
         "space.label_smoothing": label_smoothing,
     }
+    if skip_bad_images:
+        overrides["data.skip_bad_images"] = True
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or key.strip().startswith("space."):
+            raise StudyError(f"--set {item!r}: expected KEY=VALUE for a study setting, e.g. "
+                             "data.split=sorted (search-space entries take --param)")
+        overrides[key.strip()] = _yaml_value(item, value)
     for item in param or []:
         name, sep, spec_text = item.partition("=")
         if not sep or not name.strip():
@@ -140,6 +157,17 @@ def search(
         raise typer.Exit(1)
 
 
+def _yaml_value(item: str, text: str) -> Any:
+    import yaml
+
+    from hpo.study import StudyError
+
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise StudyError(f"--set {item!r}: the value is not valid YAML") from None
+
+
 def _ui_hint(where: Any, store_arg: Path | None) -> str:
     if not where.tracking_is_local:
         return f"Compare the trials in the MLflow UI at {where.tracking_uri}"
@@ -158,15 +186,17 @@ def models(
 ) -> None:
     """List the architectures with their parameter count and FLOPs for one image."""
     from imgcls.errors import ConfigError
-    from imgcls.models import MODELS
+    from imgcls.models import MODELS, check_image_size
     from imgcls.profile import profile_architecture
 
     if classes < 2 or channels < 1 or image_size < 1:
         raise ConfigError("--classes must be at least 2, --channels and --image-size at least 1")
     rows, skipped = [], []
     for entry in MODELS:
-        if image_size < entry.meta["min_image_size"]:
-            skipped.append(f"{entry.name} needs at least {entry.meta['min_image_size']}px")
+        try:
+            check_image_size(entry.name, image_size)
+        except ConfigError as exc:
+            skipped.append(str(exc).split(";")[0])  # the reason, without "the study uses"
             continue
         rows.append(profile_architecture(entry.name, classes, channels, image_size))
     if as_json:

@@ -9,10 +9,12 @@ the trial's run is closed as KILLED with reason "interrupted".
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -24,10 +26,17 @@ from hpo.study import HParams, StudySpec, first_error
 from hpo.tracking import Tracker, TrialRun
 from imgcls.data import Batches, PreparedData
 from imgcls.errors import ImgclsError, first_line
-from imgcls.metrics import confusion_matrix, plot_confusion_matrix
+from imgcls.metrics import confusion_matrix, test_metrics
 from imgcls.models import build_model
 from imgcls.profile import profile_model
-from imgcls.train import Diverged, FitResult, TrainConfig, fit, seed_everything
+from imgcls.report import (
+    classification_report,
+    plot_confusion_matrix,
+    plot_curves,
+    plot_roc,
+    write_predictions,
+)
+from imgcls.train import Diverged, FitResult, TrainConfig, evaluate, fit, seed_everything
 
 TrialState = Literal["COMPLETE", "PRUNED", "FAIL"]
 ShouldPrune = Callable[[int, float], bool]  # (epoch, objective value) -> stop this trial now?
@@ -48,10 +57,10 @@ class TrialOutcome:
     best_epoch: int = 0
     epochs: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the best epoch's metrics
+    test: dict[str, float] = field(default_factory=dict)  # its weights on the test split, CIs
     fail_reason: str | None = None
     run_id: str | None = None
     seconds: float = 0.0
-
 
 @dataclass
 class StudyContext:
@@ -74,6 +83,19 @@ class StudyContext:
             "normalize": data.normalize, "num_classes": self.data.num_classes,
             "device": str(self.device),
         }
+
+
+def test_counterpart(objective: str) -> str:
+    """The test metric that matches a validation objective: val_f1 -> test_f1,
+    val_loss -> test_log_loss (both are the cross-entropy of the true class)."""
+    name = objective.removeprefix("val_")
+    return "test_log_loss" if name == "loss" else f"test_{name}"
+
+
+def headline_test(test: Mapping[str, float], objective: str) -> dict[str, float]:
+    """The objective's test counterpart and its confidence interval, from all test metrics."""
+    name = test_counterpart(objective)
+    return {k: v for k, v in test.items() if k in (name, f"{name}_ci_low", f"{name}_ci_high")}
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -116,8 +138,8 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
         outcome.metrics = result.best_metrics
         outcome.value = result.best_metrics[spec.objective]
         outcome.state = "PRUNED" if pruned else "COMPLETE"
+        outcome.test = _assess(ctx, number, run, result, model)
         if run is not None:
-            _log_summary(ctx, run, result)
             if pruned:
                 run.finish("PRUNED")
             else:
@@ -147,18 +169,24 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
     seed = trial_seed(spec.seed, number)
     seed_everything(seed)
     model = build_model(hp.arch, data.num_classes, data.in_channels, hp.dropout,
-                        data.config.image_size)
+                        data.config.image_size, pretrained=hp.pretrained, freeze=hp.freeze,
+                        weights_dir=spec.weights_dir)
     profile = profile_model(model, hp.arch, data.in_channels, data.config.image_size)
     model = model.to(ctx.device)
     if run is not None:
         run.log_metrics({"params_count": profile.params, "flops": profile.flops,
                          "macs": profile.macs})
-    train = data.batches("train", hp.batch_size, hflip=hp.hflip, seed=seed, device=ctx.device)
+    train = data.batches("train", hp.batch_size, augment=hp.augment(), seed=seed,
+                         device=ctx.device)
     val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device)
-    config = TrainConfig(optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum,
-                         weight_decay=hp.weight_decay, label_smoothing=hp.label_smoothing,
-                         max_epochs=spec.max_epochs, patience=spec.patience,
-                         monitor=spec.objective)
+    config = TrainConfig(
+        optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+        scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
+        lr_step_epochs=hp.lr_step_epochs or None, lr_gamma=hp.lr_gamma,
+        weight_decay=hp.weight_decay, l2=hp.l2, label_smoothing=hp.label_smoothing,
+        class_weighted=hp.class_weighted, max_epochs=spec.max_epochs, patience=spec.patience,
+        monitor=spec.objective,
+    )
 
     pruned = False
 
@@ -180,21 +208,52 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
     return result, model, pruned
 
 
-def _log_summary(ctx: StudyContext, run: TrialRun, result: FitResult) -> None:
-    objective = ctx.spec.objective
+def _assess(ctx: StudyContext, number: int, run: TrialRun | None, result: FitResult,
+            model: torch.nn.Module) -> dict[str, float]:
+    """Evaluate the best epoch's weights once on the test split (never used for selection) and
+    record the evaluation: summary and test metrics with bootstrap intervals, curves, confusion
+    matrices, ROC, classification report and per-image predictions. Without a test split, the
+    report describes the validation split and no test_* metric exists."""
+    data, objective = ctx.data, ctx.spec.objective
+    held_out = "test" if len(data.split.indices("test")) else "val"
+    if held_out == "test":
+        batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device)
+        evaluation = evaluate(model, batches, data.num_classes, prefix="test")
+        scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes,
+                              seed=trial_seed(ctx.spec.seed, number))
+    else:
+        evaluation, scores = result.best_evaluation, {}
+    if run is None or evaluation is None:
+        return scores
     val_losses = [h["val_loss"] for h in result.history if h["val_loss"] == h["val_loss"]]
     summary = {f"best_{objective}": result.best_metrics[objective],
-               "best_epoch": result.best_epoch, "epochs": result.epochs}
+               "best_epoch": result.best_epoch, "epochs": result.epochs, **scores}
     if val_losses:
         summary["min_val_loss"] = min(val_losses)
     run.log_metrics(summary)
-    evaluation = result.best_evaluation
-    if evaluation is not None:
-        matrix = confusion_matrix(evaluation.y_true, evaluation.y_pred, ctx.data.num_classes)
+
+    classes = list(data.classes)
+    run.log_figure(plot_curves(result.history, best_epoch=result.best_epoch), "curves.png")
+    best_val = result.best_evaluation
+    if best_val is not None:
         title = f"validation, epoch {result.best_epoch}: {objective} = " \
                 f"{result.best_metrics[objective]:.4f}"
-        run.log_figure(plot_confusion_matrix(matrix, list(ctx.data.classes), title),
-                       "confusion_matrix.png")
+        matrix = confusion_matrix(best_val.y_true, best_val.y_pred, data.num_classes)
+        run.log_figure(plot_confusion_matrix(matrix, classes, title), "confusion_matrix_val.png")
+    if held_out == "test":
+        matrix = confusion_matrix(evaluation.y_true, evaluation.y_pred, data.num_classes)
+        title = f"test, weights of epoch {result.best_epoch}"
+        run.log_figure(plot_confusion_matrix(matrix, classes, title), "confusion_matrix_test.png")
+    run.log_figure(plot_roc(evaluation.y_true, evaluation.probs, classes), f"roc_{held_out}.png")
+    text, report = classification_report(evaluation.y_true, evaluation.probs, classes)
+    run.log_text(text, f"classification_report_{held_out}.txt")
+    run.log_dict(report, f"classification_report_{held_out}.json")
+    ids = [data.catalog.ids[i] for i in data.split.indices(held_out)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"predictions_{held_out}.csv"
+        write_predictions(path, ids, evaluation.y_true, evaluation.probs, classes)
+        run.log_artifact(path)
+    return scores
 
 
 def _input_example(data: PreparedData) -> np.ndarray:

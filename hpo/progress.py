@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpo.backends.base import counts_as_finished
-from hpo.objective import TrialOutcome
+from hpo.objective import TrialOutcome, test_counterpart
 from hpo.search import SearchResult
 from hpo.space import Scalar
 from hpo.store import Store
@@ -99,6 +99,12 @@ class SearchProgress:
             f"searching {', '.join(p.name for p in spec.space.searched) or 'nothing'}\n"
             f"[dim]store {self.store.root} · tracking {self.store.tracking_uri}[/]"
         )
+        if data.skipped:
+            self.console.print(
+                f"[yellow]left out {len(data.skipped)} unusable image(s)[/] (--skip-bad-images; "
+                "listed in the study run's skipped_images.txt): "
+                + "; ".join(data.skipped[:3]) + ("; ..." if len(data.skipped) > 3 else "")
+            )
         self._searched = [p.name for p in spec.space.searched]
         done = [t for t in previous if counts_as_finished(t)]
         self.finished.trials.extend(done)
@@ -169,10 +175,20 @@ def summary_table(result: SearchResult, top: int = 5) -> Table:
     table.add_column("epoch", justify="right")
     for name in searched:
         table.add_column(name, justify="right")
+    test = test_counterpart(spec.objective)
+    table.add_column(f"{test} (95% CI)", justify="right")
     table.add_column("time", justify="right")
     table.add_column("MLflow run")
     for t in result.ranked()[:top]:
         table.add_row(str(t.number), f"{t.value:.4f}", f"{t.best_epoch}/{t.epochs}",
                       *(format_value(t.params.get(name, "")) for name in searched),
-                      f"{t.seconds:.0f}s", (t.run_id or "")[:12])
+                      _with_interval(t.test, test), f"{t.seconds:.0f}s", (t.run_id or "")[:12])
     return table
+
+
+def _with_interval(metrics: Mapping[str, float], name: str) -> str:
+    if name not in metrics:
+        return "-"
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{metrics[name]:.4f}{interval}"

@@ -19,6 +19,7 @@ from hpo.study import StudySpec
 from hpo.tracking import Tracker
 from imgcls.data import PreparedData, prepare_data
 from imgcls.data.cache import Progress
+from imgcls.metrics import check_objective
 from imgcls.train import resolve_device
 
 STUDY_RUN_ATTR = "mlflow_run_id"  # the backend study's link to its MLflow parent run
@@ -53,6 +54,7 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
     device = resolve_device(spec.device)
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
+    check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     store.create()  # after the data is known to be usable: bad input leaves nothing behind
     tracker = Tracker(store.tracking_uri, store.artifact_root if store.tracking_is_local else None)
     study = backend.open(spec, store)
@@ -66,6 +68,9 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
                               "imgcls_hpo.storage": store.describe_storage()})
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(run_id, data.split.write_csv(Path(tmp) / "split.csv", data.catalog))
+    if data.skipped:  # --skip-bad-images: which files the study left out, and why
+        tracker.log_text(run_id, "\n".join(data.skipped) + "\n", "skipped_images.txt")
+        tracker.set_tags(run_id, {"imgcls_hpo.skipped_images": len(data.skipped)})
 
     ctx = StudyContext(spec, data, device, tracker, experiment_id, run_id)
     observer.study_started(spec, data, study.trials())

@@ -22,10 +22,11 @@ from pydantic import (
 
 from hpo.space import Scalar, SearchSpace, SpaceError
 from imgcls.data import DataConfig
+from imgcls.data.augment import Augment
 from imgcls.errors import ConfigError, first_line
 from imgcls.metrics import Direction, metric_direction
-from imgcls.models import MODELS, check_image_size
-from imgcls.train import OPTIMIZERS
+from imgcls.models import MODELS, check_image_size, weights_file
+from imgcls.train import OPTIMIZERS, SCHEDULERS
 
 BUNDLED_STUDIES = Path(__file__).parent / "studies"
 
@@ -39,15 +40,35 @@ class HParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    lr: float = Field(0.01, gt=0)  # learning rate (too high diverges: the trial fails, told so)
+    # Optimization
+    lr: float = Field(0.01, gt=0)  # peak learning rate (too high diverges: the trial fails)
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum; Adam's beta1
+    nesterov: bool = False  # SGD only
     batch_size: int = Field(64, ge=1, le=65536)
-    arch: str = "simplecnn"  # a name in imgcls.models.MODELS
     optimizer: str = "sgd"  # sgd, adam or adamw
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    scheduler: str = "none"  # none, step, cosine or onecycle: the learning rate over the epochs
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up of the learning rate, in epochs
+    lr_step_epochs: int = Field(0, ge=0)  # step scheduler: epochs per step (0: a third of them)
+    lr_gamma: float = Field(0.1, gt=0, le=1)  # step scheduler: factor per step
+    # Model
+    arch: str = "simplecnn"  # a name in imgcls.models.MODELS
+    pretrained: bool = False  # start from ImageNet weights (from a local file: nothing downloads)
+    freeze: bool = False  # train the classifier head only
+    # Regularization
+    weight_decay: float = Field(0.0, ge=0, le=1)  # the optimizer's decay
+    l2: float = Field(0.0, ge=0, le=1)  # explicit L2 penalty on the weights, added to the loss
     dropout: float = Field(0.0, ge=0, lt=1)  # before the classifier head
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    hflip: float = Field(0.5, ge=0, le=1)  # probability of a left-right flip per training image
+    class_weighted: bool = False  # weigh each class's loss by its rarity in the training split
+    # Augmentation of training batches (0 = off)
+    hflip: float = Field(0.5, ge=0, le=1)  # probability of a left-right flip per image
+    vflip: float = Field(0.0, ge=0, le=1)  # probability of an up-down flip per image
+    rotation: float = Field(0.0, ge=0, le=180)  # degrees: each image turned by up to +-rotation
+    crop_scale: float = Field(1.0, gt=0, le=1)  # random resized crop keeping >= this area share
+    brightness: float = Field(0.0, ge=0, le=1)  # factor drawn from [1 - b, 1 + b]
+    contrast: float = Field(0.0, ge=0, le=1)  # factor drawn from [1 - c, 1 + c]
+    sharpness: float = Field(1.0, ge=0, le=10)  # sharpness factor: 0 blurs, 1 keeps, 2 sharpens
+    sharpness_p: float = Field(0.5, ge=0, le=1)  # probability of applying it per image
 
     @field_validator("arch")
     @classmethod
@@ -58,6 +79,17 @@ class HParams(BaseModel):
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
         return OPTIMIZERS.check_name(value)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return SCHEDULERS.check_name(value)
+
+    def augment(self) -> Augment:
+        return Augment(hflip=self.hflip, vflip=self.vflip, rotation=self.rotation,
+                       crop_scale=self.crop_scale, brightness=self.brightness,
+                       contrast=self.contrast, sharpness=self.sharpness,
+                       sharpness_p=self.sharpness_p)
 
     @classmethod
     def kinds(cls) -> dict[str, type]:
@@ -91,6 +123,8 @@ class StudySpec(BaseModel):
     pruner: str = "median"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     backend: str = "optuna"  # a name in hpo.backends.BACKENDS
+    # Where pretrained weights files are looked for first (then torch hub's cache, $TORCH_HOME)
+    weights_dir: str | None = None
     space: SearchSpace = Field(default_factory=SearchSpace)
 
     @field_validator("objective")
@@ -120,13 +154,22 @@ class StudySpec(BaseModel):
         return space
 
     @model_validator(mode="after")
-    def _architectures_fit_the_images(self) -> StudySpec:
-        if "arch" in self.space:
-            for arch in self.space.values("arch"):
-                check_image_size(str(arch), self.data.image_size)
-        else:
-            check_image_size(HParams().arch, self.data.image_size)
+    def _architectures_can_run(self) -> StudySpec:
+        """Every architecture the search may pick takes the image size, and has its weights
+        file when it may start pretrained: found now, not after the data is decoded."""
+        archs = [str(a) for a in self._possible("arch")]
+        for arch in archs:
+            check_image_size(arch, self.data.image_size)
+        if True in self._possible("pretrained"):
+            for arch in archs:
+                weights_file(arch, self.weights_dir)
         return self
+
+    def _possible(self, name: str) -> list[Scalar]:
+        """The values hyperparameter `name` may take in this study."""
+        if name in self.space:
+            return self.space.values(name)
+        return [HParams.model_fields[name].default]
 
     @property
     def direction(self) -> Direction:

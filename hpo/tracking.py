@@ -172,6 +172,9 @@ class Tracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None:
+        self.client.log_dict(run_id, dict(data), name)
+
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
@@ -210,6 +213,12 @@ class TrialRun:
 
     def log_text(self, text: str, name: str) -> None:
         self.tracker.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self.tracker.log_dict(self.run_id, data, name)
+
+    def log_artifact(self, path: Path) -> None:
+        self.tracker.log_artifact(self.run_id, path)
 
     def finish(self, state: str, reason: str | None = None, status: str | None = None) -> None:
         """Record how the trial ended and close the run (status: MLflow's, if not implied)."""

@@ -27,7 +27,8 @@ def _bad_input(args: list[str], message: str) -> None:
 
 
 def test_unknown_study() -> None:
-    _bad_input(["search", "digitz"], "unknown study 'digitz' (known: digits, tb)")
+    _bad_input(["search", "digitz"],
+               "unknown study 'digitz' (known: brain-mri, digits, insects, tb, tissue)")
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -49,24 +50,24 @@ def test_unknown_architecture_lists_the_known_ones() -> None:
 
 
 def test_missing_data_folder(tmp_path: Path) -> None:
-    _bad_input(["search", "tb", "--data", str(tmp_path / "nowhere")], "data folder not found")
+    _bad_input(["search", "tissue", "--data", str(tmp_path / "nowhere")], "data folder not found")
     assert not (tmp_path / "mlruns").exists()  # bad input leaves nothing behind
 
 
 def test_study_needing_data_without_data() -> None:
-    _bad_input(["search", "tb"], "needs a data folder: pass --data PATH")
+    _bad_input(["search", "tissue"], "needs a data folder: pass --data PATH")
 
 
 def test_empty_data_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    _bad_input(["search", "tb", "--data", str(tmp_path / "empty")], "has no class sub-folders")
+    _bad_input(["search", "tissue", "--data", str(tmp_path / "empty")], "has no class sub-folders")
 
 
 def test_class_folder_without_images(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "xrays", classes=("health",), per_class=2)
     (root / "tb").mkdir()
     (root / "tb" / "readme.txt").write_text("scans to come")
-    _bad_input(["search", "tb", "--data", str(root)], "class folder 'tb'")
+    _bad_input(["search", "tissue", "--data", str(root)], "class folder 'tb'")
 
 
 def test_models_json_reports_parameters_and_flops() -> None:
@@ -83,7 +84,7 @@ def test_models_json_reports_parameters_and_flops() -> None:
 def test_models_table_skips_what_cannot_take_the_image_size() -> None:
     result = runner.invoke(app, ["models", "--image-size", "16", "--classes", "10"])
     assert result.exit_code == 0, result.output
-    assert "vgg11_bn" in result.output and "needs at least 32px" in result.output
+    assert "vgg11_bn" in result.output and "needs images of at least 32px" in result.output
     assert "resnet18" in result.output
 
 
@@ -117,8 +118,8 @@ def test_console_script_exits_2_on_bad_input() -> None:
                           text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: unknown study 'no-such-study' (known: digits, tb); or give a path to a YAML "
-        "file"]
+        "error: unknown study 'no-such-study' (known: brain-mri, digits, insects, tb, tissue); "
+        "or give a path to a YAML file"]
 
 
 def _free_port() -> int:
@@ -154,7 +155,7 @@ def test_ui_serves_the_store_with_its_artifacts(study_file: Path, tmp_path: Path
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
                                          headers={"Content-Type": "application/json"})
         (trial,) = json.load(urllib.request.urlopen(request))["runs"]
-        png = urllib.request.urlopen(f"{base}/get-artifact?path=confusion_matrix.png"
+        png = urllib.request.urlopen(f"{base}/get-artifact?path=confusion_matrix_val.png"
                                      f"&run_uuid={trial['info']['run_id']}").read()
         assert png.startswith(b"\x89PNG")
     finally:

@@ -1,5 +1,6 @@
 """One trial against a real MLflow store: what it records for each way a trial can end."""
 
+import csv
 from pathlib import Path
 
 import mlflow
@@ -46,8 +47,28 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
     assert metrics["best_val_f1"] == pytest.approx(outcome.value)
     assert metrics["best_epoch"] == outcome.best_epoch
     assert metrics["params_count"] > 0 and metrics["flops"] == 2 * metrics["macs"] > 0
-    artifacts = [a.path for a in ctx.tracker.client.list_artifacts(outcome.run_id)]  # type: ignore[union-attr]
-    assert "confusion_matrix.png" in artifacts
+    # the best epoch's weights, evaluated once on the test split, with 95% bootstrap intervals
+    for name in ("acc", "bal_acc", "f1", "kappa", "log_loss", "auc", "sens", "spec"):
+        point = metrics[f"test_{name}"]
+        assert metrics[f"test_{name}_ci_low"] <= point <= metrics[f"test_{name}_ci_high"], name
+    assert outcome.test["test_f1"] == metrics["test_f1"]
+    artifacts = {a.path for a in ctx.tracker.client.list_artifacts(outcome.run_id)}  # type: ignore[union-attr]
+    assert {"curves.png", "confusion_matrix_val.png", "confusion_matrix_test.png",
+            "roc_test.png", "classification_report_test.txt", "classification_report_test.json",
+            "predictions_test.csv"} <= artifacts
+    local = Path(mlflow.artifacts.download_artifacts(
+        run_id=outcome.run_id, artifact_path="predictions_test.csv",
+        tracking_uri=ctx.tracker.uri))  # type: ignore[union-attr]
+    rows = list(csv.DictReader(local.open()))
+    test_ids = {ctx.data.catalog.ids[i] for i in ctx.data.split.indices("test")}
+    assert {r["file"] for r in rows} == test_ids  # one row per test image, named by its file
+    for row in rows:
+        probs = {c: float(row[f"p_{c}"]) for c in ("ants", "bees")}
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
+        assert row["prediction"] == max(probs, key=probs.get)  # type: ignore[arg-type]
+    report = mlflow.artifacts.load_dict(
+        f"{run.info.artifact_uri}/classification_report_test.json")
+    assert {"ants", "bees"} <= set(report)
     # runs:/<id>/model loads the logged model, which carries its preprocessing
     mlflow.set_tracking_uri(ctx.tracker.uri)  # type: ignore[union-attr]
     model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")

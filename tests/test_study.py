@@ -4,17 +4,43 @@ import pytest
 
 from hpo.space import FloatRange, IntRange
 from hpo.study import HParams, StudyError, find_study, known_studies, load_study
+from imgcls.models import MODELS, build_model
 
-SHIPPED = sorted(p.stem for p in (Path(__file__).parents[1] / "studies").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_study_loads(name: str, tmp_path: Path) -> None:
-    spec = load_study(name, {"data.path": str(tmp_path)})
-    assert spec.name == name
-    assert spec.objective == "val_f1"
-    for required in ("lr", "momentum", "batch_size", "arch", "weight_decay", "dropout"):
-        assert spec.space[required] in spec.space.searched, required
+@pytest.fixture
+def weights_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A torch hub cache holding a (placeholder) weights file for every architecture: studies
+    check that the file exists before any image is read; loading it is tested in test_models."""
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for entry in MODELS:
+        if entry.meta["weights"] is not None:
+            (checkpoints / entry.meta["weights"].url.rsplit("/", 1)[-1]).touch()
+    return checkpoints
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_study_validates(path: Path, tmp_path: Path, weights_cache: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("#"), "a study starts with comments on the data layout it expects"
+    spec = load_study(path.stem, {"data.path": str(tmp_path)})
+    assert spec.name == path.stem
+    assert spec.space.searched, "a study searches something"
+    assert {"lr", "batch_size"} <= {p.name for p in spec.space.searched}
+    for arch in spec._possible("arch"):
+        build_model(str(arch), 2, spec.data.channels, image_size=32)  # the name builds
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "pretrained: true" in p.read_text()],
+                         ids=lambda p: p.stem)
+def test_a_pretrained_study_without_weights_says_where_to_put_them(
+        path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(StudyError, match=r"\.pth.*hub/checkpoints"):
+        load_study(path.stem, {"data.path": str(tmp_path)})
 
 
 def test_shipped_studies_are_found_from_any_folder() -> None:

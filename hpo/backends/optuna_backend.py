@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.backends.base import BACKENDS, SearchObserver, counts_as_finished
-from hpo.objective import INTERRUPTED, TrialOutcome, run_trial
+from hpo.objective import INTERRUPTED, TrialOutcome, headline_test, run_trial
 from hpo.study import StudyError, StudySpec
 from imgcls.errors import first_line
 from imgcls.registry import Registry
@@ -78,7 +78,7 @@ def _outcome(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
         number=trial.number, params=dict(trial.params), state=trial.state.name,  # type: ignore[arg-type]
         value=value, best_epoch=attrs.get("best_epoch", 0), epochs=attrs.get("epochs", 0),
         fail_reason=attrs.get("fail_reason"), run_id=attrs.get("mlflow_run_id"),
-        seconds=attrs.get("seconds", 0.0),
+        seconds=attrs.get("seconds", 0.0), test=attrs.get("test", {}),
     )
 
 
@@ -119,7 +119,8 @@ class OptunaStudy:
             for key, value in (("mlflow_run_id", outcome.run_id),
                                ("fail_reason", outcome.fail_reason),
                                ("value", outcome.value), ("best_epoch", outcome.best_epoch),
-                               ("epochs", outcome.epochs), ("seconds", outcome.seconds)):
+                               ("epochs", outcome.epochs), ("seconds", outcome.seconds),
+                               ("test", headline_test(outcome.test, self.spec.objective) or None)):
                 if value is not None:
                     trial.set_user_attr(key, value)
             if outcome.state == "COMPLETE":

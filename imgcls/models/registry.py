@@ -110,8 +110,8 @@ def weights_file(name: str, weights_dir: str | Path | None = None) -> Path:
     for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    where = " nor ".join(str(folder) for folder in folders)
-    raise ConfigError(f"pretrained {name} needs {filename}, found in neither {where}; on a "
+    where = " or ".join(str(folder) for folder in folders)
+    raise ConfigError(f"pretrained {name} needs {filename}, not found in {where}; on a "
                       f"machine with internet download {weights.url} and copy it into "
                       f"{folders[0]}")
 
