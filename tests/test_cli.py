@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from hpo.cli import app
@@ -199,3 +200,27 @@ def test_an_unusable_optuna_storage_is_reported(study_file: Path, tmp_path: Path
                 "--storage", "sqlite:////nonexistent/folder/optuna.db"],
                "cannot open the Optuna storage sqlite:////nonexistent/folder/optuna.db: "
                "(sqlite3.OperationalError) unable to open database file")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--set", "data.split"], "expected KEY=VALUE"),
+    (["--set", "space.lr=0.1"], "search-space entries take --param"),
+    (["--set", "data.split=halves"], "unknown split method 'halves'"),
+    (["--set", "data.classes=[ants]"], "must be at least two distinct"),
+    (["--set", "data.group_pattern=(unclosed"], "not a valid regular expression"),
+])
+def test_study_settings_from_the_command_line_are_checked(study_file: Path, flags: list[str],
+                                                          message: str) -> None:
+    _bad_input(["search", str(study_file), *flags], message)
+
+
+def test_a_given_split_needs_a_source_that_gives_one(study_file: Path) -> None:
+    _bad_input(["search", str(study_file), "--set", "data.split=given"],
+               "split 'given' needs train/ and val/ folders")
+
+
+def test_unusable_images_are_named_with_the_way_out(study_file: Path,
+                                                    image_folder: Path) -> None:
+    Image.new("RGB", (4, 4)).save(image_folder / "bees" / "thumb.png")
+    _bad_input(["search", str(study_file)], "bees/thumb.png (placeholder")
+    _bad_input(["search", str(study_file)], "Pass --skip-bad-images to leave them out")

@@ -11,6 +11,8 @@ from hpo.backends import NullObserver
 from hpo.search import run_search
 from hpo.store import Store
 from hpo.study import StudyError, load_study
+from imgcls.errors import ConfigError, DataError
+from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +106,52 @@ def test_the_optuna_study_can_live_outside_the_store(study_file: Path, store: St
     assert (tmp_path / ("optuna.db" if "sqlite" in target else "shared/tiny.journal")).exists()
     # and it resumes from there
     assert len(run_search(load_study(str(study_file), {"trials": 2}), elsewhere).trials) == 2
+
+
+def test_unusable_images_stop_the_search_or_are_left_out_and_listed(
+        study_file: Path, store: Store, image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "ants" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"1 of 21 files are not usable images: "
+                                        r"ants/broken.jpg .*--skip-bad-images"):
+        run_search(load_study(str(study_file)), store)
+    assert not list(store.root.glob("*.journal"))  # bad input: no study was started
+
+    spec = load_study(str(study_file), {"trials": 1, "data.skip_bad_images": True})
+    result = run_search(spec, store)
+    assert [t.state for t in result.trials] == ["COMPLETE"]
+    (study_run,) = _runs(store, "tiny", "study")
+    assert study_run.data.tags["imgcls_hpo.skipped_images"] == "1"
+    client = MlflowClient(store.tracking_uri)
+    listed = Path(client.download_artifacts(study_run.info.run_id, "skipped_images.txt",
+                                            str(tmp_path))).read_text()
+    assert listed.startswith("ants/broken.jpg (")
+    split_csv = Path(client.download_artifacts(study_run.info.run_id, "split.csv", str(tmp_path)))
+    assert "ants/broken.jpg" not in split_csv.read_text()  # never trained, validated or tested
+
+
+def test_a_binary_only_objective_on_more_classes_is_refused(
+        study_file: Path, store: Store, tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=6)
+    spec = load_study(str(study_file), {"data.path": str(data), "objective": "val_sens"})
+    with pytest.raises(ConfigError, match="val_sens' needs two classes but the data has 3"):
+        run_search(spec, store)
+
+
+def test_every_new_hyperparameter_reaches_training(study_file: Path, store: Store) -> None:
+    """One study that searches schedules, regularizers and every augmentation: trials complete
+    and each run records the values it trained with."""
+    overrides = {
+        "trials": 2, "space.scheduler": "cosine,onecycle", "space.warmup_epochs": "0.5",
+        "space.nesterov": "true", "space.l2": "0..1e-3", "space.class_weighted": "true,false",
+        "space.vflip": "0.5", "space.rotation": "0..30", "space.crop_scale": "0.5..1",
+        "space.brightness": "0.2", "space.contrast": "0.2", "space.sharpness": "2",
+        "space.sharpness_p": "0.5", "space.optimizer": "sgd", "data.split": "sorted",
+    }
+    result = run_search(load_study(str(study_file), overrides), store)
+    assert [t.state for t in result.trials] == ["COMPLETE", "COMPLETE"], \
+        [t.fail_reason for t in result.trials]
+    for run in _runs(store, "tiny", "trial"):
+        params = run.data.params
+        assert params["scheduler"] in ("cosine", "onecycle") and params["nesterov"] == "True"
+        assert 0 <= float(params["rotation"]) <= 30 and params["sharpness"] == "2.0"
+        assert "test_f1_ci_low" in run.data.metrics
