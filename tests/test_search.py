@@ -155,3 +155,13 @@ def test_every_new_hyperparameter_reaches_training(study_file: Path, store: Stor
         assert params["scheduler"] in ("cosine", "onecycle") and params["nesterov"] == "True"
         assert 0 <= float(params["rotation"]) <= 30 and params["sharpness"] == "2.0"
         assert "test_f1_ci_low" in run.data.metrics
+
+
+def test_the_digits_study_runs_end_to_end(store: Store) -> None:
+    """The shipped default, as `make demo` runs it, cut to two one-epoch trials."""
+    spec = load_study("digits", {"trials": 2, "max_epochs": 1})
+    result = run_search(spec, store)
+    assert len(result.trials) == 2 and result.best is not None
+    assert result.best.value > 0.25  # one epoch on digits is well above chance (0.1)
+    assert set(result.best.test) >= {"test_f1", "test_f1_ci_low", "test_f1_ci_high"}
+    assert "test_sens" not in result.best.test  # ten classes: no binary-only metric
