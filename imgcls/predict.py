@@ -1,0 +1,364 @@
+"""Classify image files with a trained model and the preprocessing it was trained with.
+
+A model alone cannot predict: it needs the classes its outputs stand for and the exact input it
+saw in training (image size, channels, normalization). `Preprocessing` holds that contract as
+plain data, the `imgcls` metadata dict that every finished trial logs with its model, so that
+weights plus that dict are enough to predict (as a timm checkpoint carries its data config).
+
+Images go through the training pipeline's own code: `imgcls.data.cache.to_array` decodes and
+resizes, `imgcls.data.batches.Batches` normalizes. Nothing here re-implements a step, so a file
+is seen by the predictor exactly as the training set's copy of it was.
+
+Edge policies, decided here:
+- A file that cannot be decoded does not stop `predict_files`: its row carries the reason in
+  `error` and no prediction. `prepare` and `probabilities`, which return one array for all
+  inputs, raise DataError naming the bad input instead.
+- With a `threshold`, a top probability below it gives the label "unknown"; the probabilities
+  are still reported. A model with a class named "unknown" cannot take a threshold.
+- Folders are searched recursively for the extensions the folder source reads, sorted, skipping
+  hidden files and folders (as training does); a file named explicitly is always tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from imgcls.data import PreparedData
+from imgcls.data.batches import Batches
+from imgcls.data.cache import Progress, to_array
+from imgcls.data.sources import IMAGE_EXTENSIONS, _images_below, listing
+from imgcls.errors import ConfigError, DataError, first_line
+from imgcls.models import build_model
+
+__all__ = [
+    "UNKNOWN", "ImageInput", "Prediction", "Predictor", "Preprocessing", "image_files",
+    "summary", "write_csv",
+]
+
+UNKNOWN = "unknown"  # the label of an image whose top probability is below the threshold
+
+# What `prepare` and `probabilities` take: a PIL image, an encoded file's bytes, or a path.
+ImageInput: TypeAlias = Image.Image | bytes | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model's input and output mean: its architecture, classes and input contract."""
+
+    arch: str  # a name in imgcls.models.MODELS
+    classes: tuple[str, ...]  # output i is classes[i]
+    image_size: int  # pixels per side after resizing (straight to a square, no crop)
+    channels: int  # 1 = luminance, 3 = RGB
+    normalize: str  # where mean/std came from: "train" (training split) or "imagenet"
+    mean: tuple[float, ...]  # per channel, on the 0..1 scale
+    std: tuple[float, ...]  # per channel, on the 0..1 scale
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes) \
+                or "" in self.classes:
+            raise ConfigError(f"preprocessing classes {list(self.classes)} must be at least two "
+                              "distinct, non-empty names")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"preprocessing channels must be 1 or 3, not {self.channels}")
+        if self.image_size < 1:
+            raise ConfigError(f"preprocessing image_size must be positive, not {self.image_size}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError(f"preprocessing has {len(self.mean)} mean and {len(self.std)} std "
+                              f"values for {self.channels} channel(s); give one per channel")
+        if not all(s > 0 for s in self.std):
+            raise ConfigError(f"preprocessing std {list(self.std)} must be positive")
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> Preprocessing:
+        """From the `imgcls` metadata dict a model was logged with. Other keys are ignored, so
+        that metadata written by a later version still reads."""
+        missing = [f.name for f in fields(cls) if f.name not in metadata]
+        if missing:
+            raise ConfigError(f"model metadata lacks {', '.join(missing)} (found: "
+                              f"{', '.join(map(str, metadata)) or 'nothing'}); it must be the "
+                              "'imgcls' dict a trial logs with its model")
+        try:
+            return cls(
+                arch=str(metadata["arch"]),
+                classes=tuple(str(c) for c in metadata["classes"]),
+                image_size=int(metadata["image_size"]),
+                channels=int(metadata["channels"]),
+                normalize=str(metadata["normalize"]),
+                mean=tuple(float(v) for v in metadata["mean"]),
+                std=tuple(float(v) for v in metadata["std"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model metadata has a bad value ({first_line(exc)}); it must be "
+                              "the 'imgcls' dict a trial logs with its model") from None
+
+    @classmethod
+    def from_data(cls, data: PreparedData, arch: str) -> Preprocessing:
+        """The preprocessing that `data` feeds a model built as `arch`."""
+        config = data.config
+        return cls(arch, tuple(data.classes), config.image_size, config.channels,
+                   config.normalize, tuple(data.mean), tuple(data.std))
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Plain JSON/YAML data (lists, not tuples: YAML's safe dumper refuses tuples)."""
+        return {"arch": self.arch, "classes": list(self.classes), "image_size": self.image_size,
+                "channels": self.channels, "normalize": self.normalize,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One file's prediction, or why it could not be read."""
+
+    file: str  # the path as found: a path given, or one below a folder given
+    prediction: str | None  # a class, UNKNOWN below the threshold, None when unreadable
+    probability: float | None  # the top class probability; None when unreadable
+    probabilities: dict[str, float]  # every class's, in the model's order; empty when unreadable
+    error: str | None = None  # one line: why the file could not be read
+
+    @property
+    def readable(self) -> bool:
+        return self.error is None
+
+
+class Predictor:
+    """An eval-mode model with its preprocessing: images in, class probabilities out."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        # A torch.export graph (MLflow's pt2 format) refuses eval(): it was traced in eval mode
+        # and stays so.
+        with contextlib.suppress(NotImplementedError):
+            self.model.eval()
+        self.preprocessing = preprocessing
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor],
+                        preprocessing: Preprocessing,
+                        device: torch.device | str = "cpu") -> Predictor:
+        """Rebuild `preprocessing.arch` for its classes, channels and image size and load the
+        weights strictly. Dropout is 0: it does nothing in eval mode and has no weights."""
+        p = preprocessing
+        model = build_model(p.arch, len(p.classes), p.channels, 0.0, p.image_size)
+        expected = model.state_dict()
+        problems = [f"missing {key}" for key in expected if key not in state_dict]
+        problems += [f"unexpected {key}" for key in state_dict if key not in expected]
+        problems += [
+            f"{key} has shape {tuple(value.shape)}, needs {tuple(expected[key].shape)}"
+            for key, value in state_dict.items()
+            if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+        ]
+        if not problems:
+            try:
+                model.load_state_dict(state_dict, strict=True)
+            except RuntimeError as exc:  # e.g. a dtype that cannot be copied
+                problems = [first_line(exc)]
+        if problems:
+            raise ConfigError(
+                f"the weights do not fit {p.arch} built for {len(p.classes)} classes, "
+                f"{p.channels} channel(s) and {p.image_size}px: {listing(problems)}; check that "
+                "the preprocessing metadata belongs to these weights"
+            )
+        return cls(model, p, device)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.preprocessing.classes
+
+    def prepare(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
+        """The normalized float batch (N, C, S, S), on the predictor's device, that training fed
+        the model for these images. An unreadable input raises DataError naming it."""
+        arrays = self._decode_all(images)
+        if not len(arrays):
+            return torch.empty((0, *arrays.shape[1:]), device=self.device)
+        return torch.cat([x for x, _ in self._batches(arrays, None)])
+
+    def probabilities(self, images: Sequence[ImageInput] | ImageInput,
+                      batch_size: int = 32) -> np.ndarray:
+        """Class probabilities (N, K), float32, rows summing to 1, in `classes` order."""
+        return self._probabilities(self._decode_all(images), batch_size)
+
+    def predict_files(self, paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *,
+                      batch_size: int = 32, threshold: float | None = None,
+                      progress: Progress | None = None) -> list[Prediction]:
+        """A prediction for every image file in `paths` (files, or folders searched recursively),
+        in order. Files are decoded and classified `batch_size` at a time, so memory stays flat
+        however many there are; `progress(done, total)` is called after each batch."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+        if threshold is not None:
+            if not 0 <= threshold <= 1:
+                raise ConfigError(f"threshold must be a probability in [0, 1], not {threshold}")
+            if UNKNOWN in self.classes:
+                raise ConfigError(f"the model has a class named {UNKNOWN!r}, so a threshold's "
+                                  f"{UNKNOWN!r} would be ambiguous; predict without a threshold")
+        files = image_files(paths)
+        predictions: list[Prediction] = []
+        # PIL releases the GIL while decoding and resizing, so threads use every core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start:start + batch_size]
+                decoded = list(pool.map(self._try_decode, chunk))
+                arrays = [array for array, _ in decoded if array is not None]
+                rows = iter(self._probabilities(np.stack(arrays), batch_size) if arrays else [])
+                for file, (array, error) in zip(chunk, decoded, strict=True):
+                    if array is None:
+                        predictions.append(Prediction(str(file), None, None, {}, error))
+                    else:
+                        predictions.append(self._prediction(str(file), next(rows), threshold))
+                if progress is not None:
+                    progress(start + len(chunk), len(files))
+        return predictions
+
+    def _prediction(self, file: str, probs: np.ndarray, threshold: float | None) -> Prediction:
+        top = int(probs.argmax())
+        probability = float(probs[top])
+        below = threshold is not None and probability < threshold
+        return Prediction(file, UNKNOWN if below else self.classes[top], probability,
+                          {c: float(v) for c, v in zip(self.classes, probs, strict=True)})
+
+    def _decode(self, image: ImageInput) -> np.ndarray:
+        """uint8 (C, S, S), through the decoder the training cache uses."""
+        size, channels = self.preprocessing.image_size, self.preprocessing.channels
+        if isinstance(image, Image.Image):
+            return to_array(image, size, channels)
+        source = io.BytesIO(image) if isinstance(image, bytes) else image
+        # Opened, not yet decoded, as a source hands images to the cache: the decoder may still
+        # pick a reduced JPEG scale. The block closes the file.
+        with Image.open(source) as opened:
+            return to_array(opened, size, channels)
+
+    def _try_decode(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return self._decode(path), None
+        except Exception as exc:  # any decoder error means the same thing: not a usable image
+            return None, first_line(exc)
+
+    def _decode_all(self, images: Sequence[ImageInput] | ImageInput) -> np.ndarray:
+        """uint8 (N, C, S, S) of every input; DataError naming the first that fails."""
+        if isinstance(images, Image.Image | bytes | str | os.PathLike):
+            images = [images]  # one image, not a sequence of characters or bytes
+        p = self.preprocessing
+        arrays = np.empty((len(images), p.channels, p.image_size, p.image_size), dtype=np.uint8)
+        for i, image in enumerate(images):
+            try:
+                arrays[i] = self._decode(image)
+            except Exception as exc:
+                raise DataError(f"cannot read {_describe(image, i)} as an image "
+                                f"({first_line(exc)}); pass a file PIL can open") from None
+        return arrays
+
+    def _batches(self, arrays: np.ndarray, batch_size: int | None) -> Batches:
+        """Evaluation batches normalized as in training; None = all in one batch."""
+        p = self.preprocessing
+        n = len(arrays)
+        return Batches(torch.from_numpy(arrays), torch.zeros(n, dtype=torch.long),
+                       batch_size or n, train=False, mean=p.mean, std=p.std, device=self.device)
+
+    def _probabilities(self, arrays: np.ndarray, batch_size: int) -> np.ndarray:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+        k = len(self.classes)
+        out: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for x, _ in self._batches(arrays, batch_size):
+                logits = self.model(x)
+                if logits.ndim != 2 or logits.shape[1] != k:
+                    raise ConfigError(f"the model gives outputs of shape {tuple(logits.shape)} "
+                                      f"for {k} classes; its preprocessing does not belong to it")
+                out.append(logits.float().softmax(dim=1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, k), dtype=np.float32)
+
+
+def _describe(image: ImageInput, index: int) -> str:
+    if isinstance(image, Image.Image):
+        return f"image {index} (a {image.mode} PIL image)"
+    if isinstance(image, bytes):
+        return f"image {index} ({len(image)} bytes)"
+    return str(image)
+
+
+def image_files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
+    """The files to classify: each path that is a file, and the image files below each folder
+    (recursive, sorted, hidden ones skipped), in the order given; a file reached twice counts
+    once. A path that does not exist, or a folder without images, raises DataError."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            found = _images_below(path, path)
+            if not found:
+                raise DataError(f"folder {path} holds no images (looked for "
+                                f"{', '.join(IMAGE_EXTENSIONS)}, in sub-folders too)")
+        elif path.exists():
+            found = [path]
+        else:
+            raise DataError(f"image path not found: {path}; pass image files or folders")
+        for file in found:
+            key = file.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(file)
+    if not files:
+        raise DataError("no image paths given; pass image files or folders")
+    return files
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | Path,
+              classes: Sequence[str]) -> Path:
+    """One row per prediction: file, prediction, probability, p_<class> per class, error.
+    Probabilities to 6 decimals; an unreadable file has empty prediction and probability cells
+    and its reason under error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [str(c) for c in classes]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["file", "prediction", "probability", *(f"p_{c}" for c in names), "error"])
+        for p in predictions:
+            if not p.readable:
+                out.writerow([p.file, "", "", *([""] * len(names)), p.error or ""])
+                continue
+            if list(p.probabilities) != names:
+                raise ValueError(f"{p.file} has probabilities for {list(p.probabilities)}, "
+                                 f"not for the classes {names}")
+            out.writerow([p.file, p.prediction, f"{p.probability:.6f}",
+                          *(f"{p.probabilities[c]:.6f}" for c in names), p.error or ""])
+    return path
+
+
+def summary(predictions: Sequence[Prediction]) -> dict[str, Any]:
+    """Counts: images, predictions per class (every class, zero included; "unknown" counted
+    apart), unknown, unreadable. The classes come from the readable predictions."""
+    classes: dict[str, int] = {}
+    for p in predictions:
+        if p.readable:
+            classes = dict.fromkeys(p.probabilities, 0)
+            break
+    unknown = unreadable = 0
+    for p in predictions:
+        if not p.readable:
+            unreadable += 1
+        elif p.prediction == UNKNOWN:
+            unknown += 1
+        elif p.prediction is not None:
+            classes[p.prediction] += 1
+    return {"images": len(predictions), "classes": classes, "unknown": unknown,
+            "unreadable": unreadable}
