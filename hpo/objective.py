@@ -28,6 +28,7 @@ from imgcls.data import Batches, PreparedData
 from imgcls.errors import ImgclsError, first_line
 from imgcls.metrics import confusion_matrix, test_metrics
 from imgcls.models import build_model
+from imgcls.predict import Preprocessing
 from imgcls.profile import profile_model
 from imgcls.report import (
     classification_report,
@@ -267,12 +268,7 @@ def _input_example(data: PreparedData) -> np.ndarray:
 
 def _model_metadata(ctx: StudyContext, hp: HParams) -> dict[str, Any]:
     """What predicting needs besides the weights: the model's input contract."""
-    config = ctx.data.config
-    return {"imgcls": {
-        "arch": hp.arch, "classes": list(ctx.data.classes), "image_size": config.image_size,
-        "channels": config.channels, "normalize": config.normalize,
-        "mean": list(ctx.data.mean), "std": list(ctx.data.std),
-    }}
+    return {"imgcls": Preprocessing.from_data(ctx.data, hp.arch).to_metadata()}
 
 
 def _quietly(record: Callable[..., None], *args: Any) -> None:

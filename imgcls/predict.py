@@ -39,7 +39,7 @@ from torch import nn
 from imgcls.data import PreparedData
 from imgcls.data.batches import Batches
 from imgcls.data.cache import Progress, to_array
-from imgcls.data.sources import IMAGE_EXTENSIONS, _images_below, listing
+from imgcls.data.sources import IMAGE_EXTENSIONS, images_below, listing
 from imgcls.errors import ConfigError, DataError, first_line
 from imgcls.models import build_model
 
@@ -303,7 +303,7 @@ def image_files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]
     for given in paths:
         path = Path(given).expanduser()
         if path.is_dir():
-            found = _images_below(path, path)
+            found = images_below(path, path)
             if not found:
                 raise DataError(f"folder {path} holds no images (looked for "
                                 f"{', '.join(IMAGE_EXTENSIONS)}, in sub-folders too)")

@@ -258,7 +258,7 @@ class FolderSource(Source):
                 class_dir = class_dirs[part].get(name)
                 if class_dir is None:
                     continue  # a class may be absent from val/ or test/
-                for p in _images_below(class_dir, root):
+                for p in images_below(class_dir, root):
                     files.append(p)
                     labels.append(label)
                     given.append(split)
@@ -289,7 +289,7 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_below(folder: Path, root: Path) -> list[Path]:
+def images_below(folder: Path, root: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
