@@ -1,0 +1,348 @@
+"""What a trained classifier looks at: Grad-CAM heatmaps drawn over the images, and a t-SNE map of
+the features its classifier head sees.
+
+Every function takes a plain model built by `imgcls.models.build_model`, the architecture name it
+was built as, and a normalized batch (N, C, H, W) as training saw it. They leave the model as they
+found it: hooks are removed, the train/eval mode is restored, parameters' `requires_grad` and
+`.grad` are never touched (Grad-CAM gets its graph from an input that requires grad, so a frozen
+backbone works too).
+
+Grad-CAM (Selvaraju et al., 2017): the gradient of a class score with respect to the last
+convolutional feature map, averaged over its positions, weighs that map's channels; the weighted
+sum, clipped at zero, is where the evidence for the class lies.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from imgcls.errors import ConfigError, DataError
+from imgcls.models import MODELS, head_module
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Architecture -> dotted path of the module whose output is its last convolutional feature map:
+# it runs after every convolution and has the last convolution's resolution. Where a max-pool
+# follows the last convolution (simplecnn, VGG), the map is taken before it: the pool halves the
+# resolution of the heatmap and adds no evidence. None: the network has no such map.
+CAM_LAYERS: dict[str, str | None] = {
+    "simplecnn": "features.10",  # the last ReLU, before the last 2x max-pool
+    "resnet18": "layer4",
+    "resnet34": "layer4",
+    "resnet50": "layer4",
+    "resnet101": "layer4",
+    "vgg11_bn": "features.27",  # the last ReLU, before the last 2x max-pool
+    "vgg16_bn": "features.42",  # the last ReLU, before the last 2x max-pool
+    "densenet121": "features",  # ends with norm5; the ReLU after it is functional
+    "efficientnet_b0": "features",  # ends with the 1x1 conv to 1280 channels, BN, SiLU
+    "mobilenet_v3_large": "features",  # ends with the 1x1 conv to 960 channels, BN, Hardswish
+    "convnext_tiny": "features",  # the last stage, (N, 768, H/32, W/32)
+    "vit_b_16": None,  # its one convolution only cuts the image into patches
+}
+
+MIN_TSNE_IMAGES = 5  # below this a 2-D neighbourhood map shows nothing (and PCA init fails)
+MAX_PERPLEXITY = 30.0  # scikit-learn's default, for larger sets
+
+
+@dataclass(frozen=True)
+class GradCam:
+    """Grad-CAM of a batch, with the predictions of the same forward pass."""
+
+    heatmaps: np.ndarray  # float32 (N, H, W) in [0, 1], at the input's size; 1 = the peak
+    probabilities: np.ndarray  # float32 (N, K) softmax of the logits
+    targets: np.ndarray  # int64 (N,) the class each heatmap explains
+
+
+def cam_layer(arch: str) -> str:
+    """The dotted path of `arch`'s last convolutional feature map (see CAM_LAYERS).
+
+    Raises ConfigError for an unknown architecture (listing the known ones) and for one that has
+    no convolutional feature map (a vision transformer).
+    """
+    MODELS.entry(arch)  # an unknown name raises, listing the registered ones
+    if arch not in CAM_LAYERS:
+        raise ConfigError(f"Grad-CAM does not know the last convolutional layer of {arch}; "
+                          f"add it to imgcls.explain.CAM_LAYERS")
+    layer = CAM_LAYERS[arch]
+    if layer is None:
+        cnns = ", ".join(name for name, path in CAM_LAYERS.items() if path is not None)
+        raise ConfigError(f"Grad-CAM needs a convolutional network and {arch} is a vision "
+                          f"transformer; explain a model of a CNN architecture ({cnns})")
+    return layer
+
+
+def grad_cam(model: nn.Module, arch: str, x: Tensor,
+             target: int | Sequence[int] | Tensor | None = None,
+             batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM heatmaps, float32 (N, H, W) in [0, 1], for the normalized images `x`.
+
+    target: the class to explain, one for all images or one per image; None = each image's
+        predicted class. See `compute_grad_cam`.
+    """
+    return compute_grad_cam(model, arch, x, target, batch_size).heatmaps
+
+
+def compute_grad_cam(model: nn.Module, arch: str, x: Tensor,
+                     target: int | Sequence[int] | Tensor | None = None,
+                     batch_size: int = 32) -> GradCam:
+    """Grad-CAM of `x` (N, C, H, W), normalized, and the model's probabilities for it.
+
+    Each heatmap is ReLU(sum_c w_c A_c) over the feature map A = `cam_layer(arch)`, with w_c the
+    mean over positions of d(logit of the target class)/dA_c; it is upsampled bilinearly to
+    (H, W) and divided by its maximum, so that 1 marks the strongest evidence in that image. A map
+    with no positive evidence anywhere stays all zeros rather than stretching noise to [0, 1].
+
+    The model runs in eval mode (BatchNorm statistics, no dropout), `batch_size` images at a time
+    (the graph of a large network at full size is memory-hungry), on the device of its parameters.
+    """
+    layer = model.get_submodule(cam_layer(arch))
+    device = _device(model)
+    n = len(x)
+    targets = _targets(target, n)
+    heatmaps, probabilities, explained = [], [], []
+    for start in range(0, n, batch_size):
+        chunk = x[start:start + batch_size].to(device)
+        chosen = None if targets is None else targets[start:start + batch_size].to(device)
+        maps, probs, chosen = _grad_cam_batch(model, layer, chunk, chosen)
+        heatmaps.append(maps)
+        probabilities.append(probs)
+        explained.append(chosen)
+    if not heatmaps:
+        size = tuple(x.shape[-2:])
+        return GradCam(np.zeros((0, *size), np.float32), np.zeros((0, 0), np.float32),
+                       np.zeros(0, np.int64))
+    return GradCam(np.concatenate(heatmaps), np.concatenate(probabilities),
+                   np.concatenate(explained))
+
+
+def _grad_cam_batch(model: nn.Module, layer: nn.Module, x: Tensor, targets: Tensor | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    captured: list[Tensor] = []
+
+    def keep(module: nn.Module, inputs: object, output: Tensor) -> None:
+        captured.append(output)
+
+    handle = layer.register_forward_hook(keep)
+    was_training = model.training
+    model.eval()
+    try:
+        # inference_mode(False) and enable_grad: a caller's no_grad/inference_mode would leave no
+        # graph. The input, not the parameters, requires grad: a frozen model keeps its flags.
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = x.detach().clone().requires_grad_(True)
+            logits = model(inputs)
+            num_classes = logits.shape[1]
+            if targets is None:
+                targets = logits.argmax(dim=1)
+            elif targets.min() < 0 or targets.max() >= num_classes:
+                bad = targets[(targets < 0) | (targets >= num_classes)][0].item()
+                raise ConfigError(f"Grad-CAM target class {bad} does not exist; the model has "
+                                  f"classes 0..{num_classes - 1}")
+            features = captured[-1]
+            # Images are independent in eval mode, so the gradient of the summed scores holds
+            # each image's own gradient.
+            score = logits.gather(1, targets[:, None]).sum()
+            (gradients,) = torch.autograd.grad(score, features)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    with torch.no_grad():
+        weights = gradients.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * features).sum(dim=1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.flatten(1).amax(dim=1)[:, None, None]
+        cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), 0.0)
+        cam = cam.clamp(0.0, 1.0)
+        probs = logits.softmax(dim=1)
+    return (cam.float().cpu().numpy(), probs.float().cpu().numpy(),
+            targets.cpu().numpy().astype(np.int64))
+
+
+def _targets(target: int | Sequence[int] | Tensor | None, n: int) -> Tensor | None:
+    if target is None:
+        return None
+    if isinstance(target, int | np.integer):
+        return torch.full((n,), int(target), dtype=torch.long)
+    targets = torch.as_tensor(target, dtype=torch.long).flatten()
+    if len(targets) != n:
+        raise ValueError(f"{len(targets)} Grad-CAM targets for {n} images")
+    return targets
+
+
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def penultimate_features(model: nn.Module, arch: str, x: Tensor,
+                         batch_size: int = 256) -> np.ndarray:
+    """float32 (N, D): the input of the head's final linear layer for the normalized images `x`,
+    i.e. the features the classifier separates (D = that layer's in_features).
+
+    Runs in eval mode without a graph, `batch_size` images at a time.
+    """
+    linears = [m for m in head_module(model, arch).modules() if isinstance(m, nn.Linear)]
+    captured: list[Tensor] = []
+
+    def keep(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        captured.append(inputs[0].detach().flatten(1).float().cpu())
+
+    handle = linears[-1].register_forward_pre_hook(keep)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                model(x[start:start + batch_size].to(device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not captured:
+        return np.zeros((0, linears[-1].in_features), np.float32)
+    return torch.cat(captured).numpy()
+
+
+def tsne_embedding(features: np.ndarray, random_state: int = 0) -> np.ndarray:
+    """(N, 2) t-SNE coordinates of the (N, D) `features`.
+
+    Perplexity (the effective number of neighbours each point keeps) is min(30, (N - 1) / 3):
+    scikit-learn requires it below N, and a third of the set keeps some structure on small sets.
+    Fixed `random_state`: the same features give the same map. Fewer than MIN_TSNE_IMAGES
+    images raise DataError.
+    """
+    from sklearn.manifold import TSNE
+
+    features = np.asarray(features, dtype=np.float64)
+    n = len(features)
+    if n < MIN_TSNE_IMAGES:
+        raise DataError(f"a t-SNE map needs at least {MIN_TSNE_IMAGES} images, got {n}; "
+                        f"give more images")
+    perplexity = min(MAX_PERPLEXITY, (n - 1) / 3)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                random_state=random_state)
+    return tsne.fit_transform(features.reshape(n, -1)).astype(np.float32)
+
+
+def tsne_plot(features: np.ndarray, labels: Sequence[int] | np.ndarray, classes: Sequence[str],
+              *, title: str = "t-SNE of penultimate features", random_state: int = 0) -> Figure:
+    """A matplotlib Figure (no pyplot) of `tsne_embedding(features)`: one scatter per class
+    present in `labels` (indices into `classes`), each its own colour, named in the legend with
+    its image count."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(features):
+        raise ValueError(f"{len(labels)} labels for {len(features)} feature rows")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"labels must index the {len(classes)} classes, got {labels.min()}.."
+                         f"{labels.max()}")
+    points = tsne_embedding(features, random_state)
+    palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    for c, name in enumerate(classes):
+        mine = labels == c
+        if mine.any():
+            ax.scatter(points[mine, 0], points[mine, 1], s=16, color=palette(c % palette.N),
+                       label=f"{name} ({int(mine.sum())})")
+    # t-SNE axes have no unit: only neighbourhoods mean something.
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.legend(title="class", loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def overlay(image: np.ndarray | Image.Image, heatmap: np.ndarray, alpha: float = 0.4,
+            colormap: str = "jet") -> Image.Image:
+    """`heatmap` (H, W) in [0, 1] as `colormap` colours blended over `image`, an RGB PIL image.
+
+    image: uint8 (C, S, S) with C = 1 (grey) or 3 (as the cache holds it), or a PIL image of any
+        size and mode; the heatmap is resized (bilinear) to it, so an original-size image gives
+        a sharper picture than the network's input.
+    alpha: the heatmap's weight, 0 = the image only, 1 = the heatmap only.
+    """
+    from matplotlib import colormaps
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+    base = _to_rgb(image)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"a heatmap is (H, W), not {heat.shape}")
+    if heat.shape != (base.height, base.width):
+        resized = Image.fromarray(heat, mode="F").resize(base.size, Image.Resampling.BILINEAR)
+        heat = np.asarray(resized, dtype=np.float32)
+    colours = colormaps[colormap](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * np.asarray(base, dtype=np.float32) + alpha * colours
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _to_rgb(image: np.ndarray | Image.Image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[0] not in (1, 3):
+        raise ValueError(f"an image array is uint8 (C, S, S) with C 1 or 3, not "
+                         f"{array.dtype} {array.shape}")
+    pixels = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array
+    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+
+
+def overlay_name(name: str, predicted: str, probability: float) -> str:
+    """The file name of an image's overlay: its id without suffix (folders joined by '_'), the
+    predicted class and its probability, e.g. 'scans_017_bees_p0.93.png'."""
+    stem = str(PurePath(name).with_suffix("")).strip("/\\")
+    return f"{_safe(stem)}_{_safe(predicted)}_p{probability:.2f}.png"
+
+
+def _safe(text: str) -> str:
+    # Anything but letters, digits, '.', '-' and '_' (path separators, spaces) becomes '_'.
+    return re.sub(r"[^\w.-]+", "_", text) or "_"
+
+
+def save_overlays(images: Sequence[np.ndarray | Image.Image], names: Sequence[str],
+                  heatmaps: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+                  out_dir: str | Path, alpha: float = 0.4) -> list[Path]:
+    """Write one PNG per image into `out_dir` (made if missing): its heatmap over it, named by
+    `overlay_name` after the image's name (an id or relative path), its predicted class (argmax
+    of its `probabilities` row) and that probability. Returns the paths, in input order.
+
+    Two images whose names give the same file name (the same image twice) get '-2', '-3', ...
+    before '.png' rather than overwriting each other.
+    """
+    n = len(images)
+    if not len(names) == len(heatmaps) == len(probabilities) == n:
+        raise ValueError(f"{n} images, {len(names)} names, {len(heatmaps)} heatmaps and "
+                         f"{len(probabilities)} probability rows: one of each per image")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the output folder {out} ({exc.strerror}); choose "
+                        f"another --out") from None
+    paths: list[Path] = []
+    used: set[str] = set()
+    for image, name, heatmap, probs in zip(images, names, heatmaps, probabilities, strict=True):
+        best = int(np.argmax(probs))
+        filename = overlay_name(name, str(classes[best]), float(probs[best]))
+        stem, k = filename.removesuffix(".png"), 2
+        while filename in used:
+            filename, k = f"{stem}-{k}.png", k + 1
+        used.add(filename)
+        path = out / filename
+        overlay(image, heatmap, alpha).save(path)
+        paths.append(path)
+    return paths
