@@ -249,18 +249,171 @@ def ui(
     raise typer.Exit(code)
 
 
-def _not_yet(command: str) -> Callable[..., None]:
-    def stub(ctx: typer.Context) -> None:
-        err_console.print(f"imgcls-hpo {command} is not yet available in this version.")
-        raise typer.Exit(1)
+def _open_store(store: Path | None, tracking_uri: str | None) -> tuple[Any, Any]:
+    """The store a search wrote, and a tracker on it; a one-line error when there is none."""
+    from hpo.store import Store
+    from hpo.tracking import Tracker
+    from imgcls.errors import ConfigError
 
-    stub.__doc__ = "Not yet available."
-    return stub
+    where = Store.resolve(store, tracking_uri)
+    if where.tracking_uri.startswith("sqlite:") and not (where.root / "mlflow.db").exists():
+        raise ConfigError(f"no MLflow store at {where.root}: run `imgcls-hpo search` first, "
+                          "or pass --store")
+    return where, Tracker(where.tracking_uri, where.artifact_root)
 
 
-for _name in ("results", "promote", "predict"):
-    app.command(_name, context_settings={"allow_extra_args": True,
-                                         "ignore_unknown_options": True})(_not_yet(_name))
+@app.command()
+@user_errors
+def results(
+    study: str = typer.Argument(..., help="The study to report on (it may still be running)."),
+    top: int = typer.Option(10, "--top", min=1, help="Trials in the table."),
+    x: str = typer.Option("lr", "--x", help="3D plot axis: a hyperparameter or a metric."),
+    y: str = typer.Option("batch_size", "--y"),
+    z: str | None = typer.Option(None, "--z", show_default="min_val_loss, else the objective"),
+    color: str = typer.Option("arch", "--color"),
+    out: Path | None = typer.Option(None, "--out", show_default="<store>/results/<study>"),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Tables, the 3D hyperparameter plot and Optuna's views of a study, also logged to its
+    MLflow study run."""
+    from hpo.progress import format_value
+    from hpo.records import load_record
+    from hpo.results import write_results
+
+    where, tracker = _open_store(store, tracking_uri)
+    record = load_record(tracker, study)
+    out_dir = out or where.root / "results" / study
+    report = write_results(tracker, record, out_dir, top=top, x=x, y=y, z=z, color=color)
+    table = report.table
+    view = Table(title=f"Study {study}: best {len(table.rows)} finished trials by "
+                       f"{table.objective}", title_justify="left")
+    for column in ("trial", "state", table.objective, *table.searched,
+                   f"{table.test_metric} (95% CI)", "params", "GFLOPs", "MLflow run"):
+        view.add_column(column, justify="left" if column in ("state", "MLflow run") else "right",
+                        no_wrap=column not in table.searched)
+    for row in table.rows:
+        test = "-" if row.test is None else f"{row.test:.3f}"
+        if row.test_ci is not None:
+            test += f" [{row.test_ci[0]:.2f}, {row.test_ci[1]:.2f}]"
+        view.add_row(str(row.number), row.state, f"{row.value:.4f}",
+                     *(format_value(row.params.get(name, "")) for name in table.searched), test,
+                     f"{row.params_count:,}" if row.params_count is not None else "-",
+                     f"{row.flops / 1e9:.3g}" if row.flops is not None else "-",
+                     row.run_id[:8])
+    console.print(view)
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in table.counts.items() if n)
+    console.print(f"{sum(table.counts.values())} trials: {counts}.")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    console.print(f"Written to {report.out_dir}: "
+                  f"{', '.join(p.name for p in report.files)}"
+                  + (" (also in the study run's results/)" if report.study_run_id else ""),
+                  soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def promote(
+    study: str = typer.Argument(..., help="The study whose best trial to register."),
+    metric: str | None = typer.Option(None, "--metric",
+                                      help="Rank by this logged metric instead of the objective "
+                                           "(e.g. test_f1, val_auc)."),
+    name: str | None = typer.Option(None, "--name", help="Registered model name.",
+                                    show_default="<study>-classifier"),
+    alias: str = typer.Option("champion", "--alias"),
+    run_id: str | None = typer.Option(None, "--run-id", help="Promote this trial run instead."),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Register a trial's model in the MLflow Model Registry and move an alias to it."""
+    from hpo.records import load_record
+    from hpo.registry import promote as promote_trial
+
+    _, tracker = _open_store(store, tracking_uri)
+    record = load_record(tracker, study)
+    done = promote_trial(tracker, record, metric=metric, name=name, alias=alias, run_id=run_id)
+    previous = (f"; version {done.previous_version} is now @previous"
+                if done.previous_version else "")
+    console.print(f"Registered trial {done.trial} (run {done.run_id}) as [bold]{done.name}[/] "
+                  f"version {done.version}, alias @{alias}{previous}.", soft_wrap=True)
+    console.print(done.uri, soft_wrap=True)
+
+
+_ModelArg = typer.Argument(..., metavar="MODEL",
+                           help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a "
+                                "study name (its <study>-classifier@champion).")
+_PathsArg = typer.Argument(..., help="Image files or folders (searched recursively).")
+
+
+@app.command()
+@user_errors
+def predict(
+    model: str = _ModelArg,
+    paths: list[Path] = _PathsArg,
+    threshold: float | None = typer.Option(
+        None, "--threshold", min=0, max=1,
+        help="Below this top probability an image is 'unknown'."),
+    out: Path | None = typer.Option(None, "--out", help="Write the predictions to this CSV."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Classify images with a registered (or any logged) model."""
+    from rich.progress import Progress
+
+    from hpo.registry import resolve_model
+    from imgcls.predict import image_files, summary, write_csv
+
+    _, tracker = _open_store(store, tracking_uri)
+    uri, predictor = resolve_model(tracker, model)
+    files = image_files(paths)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task(f"classifying {len(files):,} images", total=len(files))
+        predictions = predictor.predict_files(
+            files, batch_size=batch_size, threshold=threshold,
+            progress=lambda done, total: bar.update(task, completed=done))
+    if out is not None:
+        write_csv(predictions, out, predictor.classes)
+    else:
+        table = Table(title=f"{uri}", title_justify="left")
+        for column in ("file", "prediction", "probability"):
+            table.add_column(column, justify="right" if column == "probability" else "left")
+        for p in predictions:
+            table.add_row(p.file, p.prediction or f"[red]unreadable: {p.error}[/]",
+                          f"{p.probability:.4f}" if p.probability is not None else "")
+        console.print(table)
+    counts = summary(predictions)
+    per_class = ", ".join(f"{n} {c}" for c, n in counts["classes"].items())
+    console.print(f"{counts['images']} images with {uri}: {per_class}"
+                  + (f", {counts['unknown']} unknown" if threshold is not None else "")
+                  + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
+                  + (f"; written to {out}" if out is not None else ""), soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def explain(
+    model: str = _ModelArg,
+    paths: list[Path] = _PathsArg,
+    out: Path = typer.Option(..., "--out", help="Folder for the overlays and plots."),
+    embed: bool = typer.Option(False, "--embed",
+                               help="Also a t-SNE plot of the penultimate-layer features."),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Grad-CAM overlays of what the model looked at, per image (and a t-SNE of the images)."""
+    from hpo.registry import resolve_model
+    from imgcls.explain import explain_files
+
+    _, tracker = _open_store(store, tracking_uri)
+    uri, predictor = resolve_model(tracker, model)
+    report = explain_files(predictor, paths, out, embed=embed)
+    for note in report.unreadable:
+        err_console.print(f"[yellow]unreadable, left out:[/] {note}", soft_wrap=True)
+    overlays = len(report.written) - embed
+    console.print(f"{overlays} Grad-CAM overlays{' and tsne.png' if embed else ''} of {uri} "
+                  f"written to {out}", soft_wrap=True)
 
 
 def main() -> None:

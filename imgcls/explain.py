@@ -14,6 +14,7 @@ sum, clipped at zero, is where the evidence for the class lies.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from imgcls.models import MODELS, head_module
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from imgcls.predict import Predictor
 
 # Architecture -> dotted path of the module whose output is its last convolutional feature map:
 # it runs after every convolution and has the last convolution's resolution. Where a max-pool
@@ -346,3 +349,53 @@ def save_overlays(images: Sequence[np.ndarray | Image.Image], names: Sequence[st
         overlay(image, heatmap, alpha).save(path)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class ExplainReport:
+    written: list[Path]  # the overlays, then tsne.png with --embed
+    unreadable: list[str]  # "path (reason)" of the files left out
+
+
+def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path, out_dir: Path,
+                  *, embed: bool = False, batch_size: int = 32) -> ExplainReport:
+    """Grad-CAM overlays for every image file in `paths` (files, or folders searched
+    recursively), written to `out_dir`, one PNG per image; with `embed`, also `tsne.png` of the
+    images' penultimate features. Points are coloured by the image's folder when that folder is
+    named after a class (labelled data), else by the predicted class. Unreadable files are
+    listed in the report and left out; the others are explained."""
+    from imgcls.predict import image_files
+
+    arch, classes = predictor.preprocessing.arch, predictor.classes
+    cam_layer(arch)  # a ViT is refused before any image is read
+    files, unreadable, batches = image_files(paths), [], []
+    readable: list[Path] = []
+    for path in files:
+        try:
+            batches.append(predictor.prepare([path]))
+            readable.append(path)
+        except DataError as exc:
+            unreadable.append(f"{path} ({exc})")
+    if not readable:
+        raise DataError(f"none of the {len(files)} files could be read as images")
+    x = torch.cat(batches)
+    cam = compute_grad_cam(predictor.model, arch, x, batch_size=batch_size)
+    originals = []
+    for path in readable:
+        with Image.open(path) as image:
+            originals.append(image.convert("RGB"))
+    common = Path(os.path.commonpath([p.parent for p in readable]))
+    written = save_overlays(originals, [str(p.relative_to(common)) for p in readable], cam.heatmaps,
+                            cam.probabilities, classes, out_dir)
+    if embed:
+        features = penultimate_features(predictor.model, arch, x)
+        by_folder = all(p.parent.name in classes for p in readable)
+        labels = (np.array([classes.index(p.parent.name) for p in readable]) if by_folder
+                  else cam.probabilities.argmax(1))
+        title = ("t-SNE of penultimate features, coloured by "
+                 + ("folder (true class)" if by_folder else "predicted class"))
+        figure = tsne_plot(features, labels, classes, title=title)
+        path = Path(out_dir) / "tsne.png"
+        figure.savefig(path, dpi=120)
+        written.append(path)
+    return ExplainReport(written, unreadable)
