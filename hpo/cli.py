@@ -335,14 +335,18 @@ def promote(
     done = promote_trial(tracker, record, metric=metric, name=name, alias=alias, run_id=run_id)
     previous = (f"; version {done.previous_version} is now @previous"
                 if done.previous_version else "")
-    console.print(f"Registered trial {done.trial} (run {done.run_id}) as [bold]{done.name}[/] "
-                  f"version {done.version}, alias @{alias}{previous}.", soft_wrap=True)
+    chosen = f"{done.metric} = {done.value:.4f}" if done.value is not None else done.metric
+    action = "Registered" if done.created else "Already registered:"
+    console.print(f"{action} trial {done.trial} (run {done.run_id}, {chosen}) as "
+                  f"[bold]{done.name}[/] version {done.version}, alias @{alias}{previous}.",
+                  soft_wrap=True)
     console.print(done.uri, soft_wrap=True)
 
 
 _ModelArg = typer.Argument(..., metavar="MODEL",
-                           help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a "
-                                "study name (its <study>-classifier@champion).")
+                           help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, "
+                                "runs:/ID/classifier, or a study name (its "
+                                "<study>-classifier@champion).")
 _PathsArg = typer.Argument(..., help="Image files or folders (searched recursively).")
 
 
@@ -384,7 +388,7 @@ def predict(
                           f"{p.probability:.4f}" if p.probability is not None else "")
         console.print(table)
     counts = summary(predictions)
-    per_class = ", ".join(f"{n} {c}" for c, n in counts["classes"].items())
+    per_class = ", ".join(f"{c}: {n}" for c, n in counts["classes"].items() if n)
     console.print(f"{counts['images']} images with {uri}: {per_class}"
                   + (f", {counts['unknown']} unknown" if threshold is not None else "")
                   + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")

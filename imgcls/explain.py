@@ -383,7 +383,7 @@ def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path
     originals = []
     for path in readable:
         with Image.open(path) as image:
-            originals.append(image.convert("RGB"))
+            originals.append(_viewable(image.convert("RGB")))
     common = Path(os.path.commonpath([p.parent for p in readable]))
     written = save_overlays(originals, [str(p.relative_to(common)) for p in readable], cam.heatmaps,
                             cam.probabilities, classes, out_dir)
@@ -399,3 +399,14 @@ def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path
         figure.savefig(path, dpi=120)
         written.append(path)
     return ExplainReport(written, unreadable)
+
+
+OVERLAY_MIN_SIDE = 256  # pixels: smaller images are enlarged so that the heatmap can be seen
+
+
+def _viewable(image: Image.Image) -> Image.Image:
+    """`image` enlarged by a whole factor (nearest: no invented detail) up to OVERLAY_MIN_SIDE."""
+    factor = -(-OVERLAY_MIN_SIDE // min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)

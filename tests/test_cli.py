@@ -89,11 +89,11 @@ def test_models_table_skips_what_cannot_take_the_image_size() -> None:
     assert "resnet18" in result.output
 
 
-@pytest.mark.parametrize("command", ["results", "promote", "predict"])
-def test_later_commands_say_they_are_not_available_yet(command: str) -> None:
-    result = runner.invoke(app, [command, "digits"])
-    assert result.exit_code == 1
-    assert "not yet available" in result.output
+@pytest.mark.parametrize("command", [["results", "digits"], ["promote", "digits"],
+                                     ["predict", "digits", "."], ["explain", "digits", ".",
+                                                                  "--out", "x"]])
+def test_commands_after_a_search_need_a_store(command: list[str], tmp_path: Path) -> None:
+    _bad_input([*command, "--store", str(tmp_path / "none")], "no MLflow store at")
 
 
 def test_ui_needs_a_store(tmp_path: Path) -> None:
