@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpo.records import StudyRecord, TrialRecord
 from hpo.study import StudyError
-from hpo.tracking import MODEL_NAME, TAG_STUDY, TAG_TRIAL, _fluent_tracking_uri
+from hpo.tracking import MODEL_NAME, TAG_STUDY, TAG_TRIAL, fluent_tracking_uri
 from imgcls.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
 
     uri = model_uri(ref)
     _check_exists(tracker, uri, study=None if "/" in ref else ref)
-    with _fluent_tracking_uri(tracker.uri):
+    with fluent_tracking_uri(tracker.uri):
         try:
             flavors = mlflow.models.get_model_info(uri).flavors
         except Exception as exc:  # an unreadable MLmodel, a missing artifact: no usable model
@@ -156,7 +156,7 @@ def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
     if "pytorch" in flavors:  # a trial's own model: rebuild it from its weights and metadata
         state_dict, preprocessing = trial_weights(tracker, uri)
         return uri, Predictor.from_state_dict(state_dict, preprocessing)
-    with _fluent_tracking_uri(tracker.uri):
+    with fluent_tracking_uri(tracker.uri):
         model = mlflow.pyfunc.load_model(uri)  # the classifier's load_context builds its Predictor
     try:
         python_model = model.unwrap_python_model()
@@ -186,7 +186,7 @@ def trial_weights(tracker: Tracker, uri: str
 
     from imgcls.predict import Preprocessing
 
-    with _fluent_tracking_uri(tracker.uri):
+    with fluent_tracking_uri(tracker.uri):
         metadata = mlflow.models.get_model_info(uri).metadata or {}
         if "imgcls" not in metadata:
             raise ConfigError(f"the model {uri} has no 'imgcls' metadata (classes, image size, "
@@ -272,7 +272,7 @@ def _version(tracker: Tracker, name: str, record: StudyRecord, trial: TrialRecor
         if existing.source == source:
             return int(existing.version), False
     # The registry store resolves a models:/ source through the global tracking URI.
-    with _fluent_tracking_uri(tracker.uri):
+    with fluent_tracking_uri(tracker.uri):
         created = client.create_model_version(
             name, source, run_id=trial.run_id, tags=version_tags(record, trial),
             description=f"trial {trial.number} of the study {record.name!r}", model_id=model_id)

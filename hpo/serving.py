@@ -39,7 +39,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from hpo.tracking import _fluent_tracking_uri
+from hpo.tracking import fluent_tracking_uri
 from imgcls.errors import DataError
 from imgcls.predict import ImageInput, Predictor, Preprocessing
 
@@ -214,7 +214,7 @@ def log_classifier(tracking_uri: str, experiment_id: str, run_id: str,
         try:
             # Model.log is what mlflow.pyfunc.log_model calls; called directly, it takes the
             # run and the logged model explicitly. It reads the global tracking URI: set here.
-            with _fluent_tracking_uri(tracking_uri):
+            with fluent_tracking_uri(tracking_uri):
                 Model.log(
                     artifact_path=None, name=CLASSIFIER, flavor=mlflow.pyfunc, run_id=run_id,
                     model_id=logged.model_id, python_model=str(code), artifacts=artifacts,

@@ -51,7 +51,7 @@ def quiet_mlflow() -> None:
 
 
 @contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """mlflow.<flavor>.log_model reads the global tracking URI; set it for the call only."""
     import mlflow
 
@@ -239,7 +239,7 @@ class TrialRun:
         self.tracker.set_tags(self.run_id, {TAG_STATE: "COMPLETE"})
         version = torch.__version__.split("+")[0]
         # Naming the requirement saves MLflow from loading the model in a subprocess to guess it.
-        with _fluent_tracking_uri(self.tracker.uri), mlflow.start_run(run_id=self.run_id):
+        with fluent_tracking_uri(self.tracker.uri), mlflow.start_run(run_id=self.run_id):
             # start_run makes the run active so that the logged model joins its experiment; the
             # block's end closes the run FINISHED (or FAILED if logging raises).
             mlflow.pytorch.log_model(

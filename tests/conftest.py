@@ -39,7 +39,10 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own folder, on CPU, with no store or tracking URI inherited."""
     monkeypatch.chdir(tmp_path)
     for name in ("MLFLOW_TRACKING_URI", "IMGCLS_HPO_STORE"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: teardown restores the variable as it was before the test, even
+        # when the test's code set it (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 

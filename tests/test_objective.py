@@ -10,7 +10,7 @@ import torch
 from hpo.objective import StudyContext, run_trial
 from hpo.store import Store
 from hpo.study import load_study
-from hpo.tracking import Tracker
+from hpo.tracking import Tracker, fluent_tracking_uri
 from imgcls.data import prepare_data
 
 
@@ -70,11 +70,11 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
         f"{run.info.artifact_uri}/classification_report_test.json")
     assert {"ants", "bees"} <= set(report)
     # runs:/<id>/model loads the logged model, which carries its preprocessing
-    mlflow.set_tracking_uri(ctx.tracker.uri)  # type: ignore[union-attr]
-    model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
+    with fluent_tracking_uri(ctx.tracker.uri):  # type: ignore[union-attr]
+        model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
+        info = mlflow.models.get_model_info(f"runs:/{outcome.run_id}/model")
     x = torch.zeros(3, 3, 16, 16)
     assert model(x).shape == (3, 2)
-    info = mlflow.models.get_model_info(f"runs:/{outcome.run_id}/model")
     assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
     assert info.metadata["imgcls"]["image_size"] == 16
 

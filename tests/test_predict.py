@@ -289,12 +289,12 @@ def test_a_logged_trial_model_predicts_its_test_images_as_its_run_recorded(
 
     from hpo.search import run_search
     from hpo.study import load_study
-    from hpo.tracking import _fluent_tracking_uri
+    from hpo.tracking import fluent_tracking_uri
 
     result = run_search(load_study(str(study_file), {"trials": 1}), store)
     run_id = result.trials[0].run_id
     assert result.trials[0].state == "COMPLETE" and run_id is not None
-    with _fluent_tracking_uri(store.tracking_uri):
+    with fluent_tracking_uri(store.tracking_uri):
         graph = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
         metadata = mlflow.models.get_model_info(f"runs:/{run_id}/model").metadata["imgcls"]
     logged = MlflowClient(store.tracking_uri).download_artifacts(

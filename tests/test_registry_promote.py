@@ -37,7 +37,7 @@ from hpo.search import run_search
 from hpo.serving import CLASSIFIER, image_inputs, prediction_frame
 from hpo.store import Store
 from hpo.study import StudyError, load_study
-from hpo.tracking import MODEL_NAME, TAG_STUDY, TAG_TRIAL, Tracker, _fluent_tracking_uri
+from hpo.tracking import MODEL_NAME, TAG_STUDY, TAG_TRIAL, Tracker, fluent_tracking_uri
 from imgcls.errors import ConfigError, DataError
 from tests.conftest import TINY_STUDY, make_image_folder
 
@@ -55,10 +55,10 @@ def searched(tmp_path_factory: pytest.TempPathFactory, _empty_mlflow_db: Path) -
     (root / "tiny.yaml").write_text(TINY_STUDY.format(data=images, trials=3))
     (root / "store").mkdir()
     shutil.copy(_empty_mlflow_db, root / "store" / "mlflow.db")
-    store = Store.resolve(root / "store")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        store = Store.resolve(root / "store")
         result = run_search(load_study(str(root / "tiny.yaml"), {"trials": 3}), store)
     assert [t.state for t in result.trials] == ["COMPLETE"] * 3
     return Searched(store, images)
@@ -265,7 +265,7 @@ def test_the_pyfunc_takes_paths_bytes_and_base64(tracker: Tracker, record: Study
                                                  searched: Searched) -> None:
     promotion = promote(tracker, record)
     ants, bees = _file(searched, "ants"), _file(searched, "bees")
-    with _fluent_tracking_uri(tracker.uri):
+    with fluent_tracking_uri(tracker.uri):
         model = mlflow.pyfunc.load_model(promotion.uri)
     _, predictor = resolve_model(tracker, promotion.uri)
     expected = predictor.probabilities([ants, bees])
