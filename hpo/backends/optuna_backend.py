@@ -1,4 +1,4 @@
-"""Optuna: samplers and pruners by name, study storage, and the ask/tell trial loop."""
+"""Optuna: study storage and the ask/tell trial loop (samplers and pruners: optuna_samplers)."""
 
 from __future__ import annotations
 
@@ -6,52 +6,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.backends.base import BACKENDS, SearchObserver, counts_as_finished
+from hpo.backends.optuna_samplers import PRUNERS, SAMPLERS
 from hpo.objective import INTERRUPTED, TrialOutcome, headline_test, run_trial
 from hpo.study import StudyError, StudySpec
 from imgcls.errors import first_line
-from imgcls.registry import Registry
 
 if TYPE_CHECKING:
     import optuna
 
     from hpo.objective import StudyContext
     from hpo.store import Store
-
-SAMPLERS: Registry[Any] = Registry("sampler")
-PRUNERS: Registry[Any] = Registry("pruner")
-
-
-@SAMPLERS.register("tpe")
-def _tpe(seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    import optuna
-
-    # TPE starts modelling the space after its random start-up trials: a third of the study,
-    # 3 to 10 of them (Optuna's 10 would leave a 12-trial study almost all random).
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 3)))
-
-
-@SAMPLERS.register("random")
-def _random(seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    import optuna
-
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-@PRUNERS.register("median")
-def _median() -> optuna.pruners.BasePruner:
-    import optuna
-
-    # Compare against 4 finished trials at least, and never before epoch 3 (steps are epochs,
-    # counted from 1): the first epochs of a from-scratch network say little about its end.
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3)
-
-
-@PRUNERS.register("none")
-def _no_pruning() -> optuna.pruners.BasePruner:
-    import optuna
-
-    return optuna.pruners.NopPruner()
-
 
 def make_storage(store: Store) -> optuna.storages.BaseStorage:
     """The journal file under the store; or --storage: a database URL (sqlite:///...,
