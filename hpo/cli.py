@@ -87,7 +87,21 @@ def search(
              "weights_dir=~/weights (values read as YAML)."),
     sampler: str | None = typer.Option(None, "--sampler", help="tpe or random."),
     pruner: str | None = typer.Option(None, "--pruner", help="median or none."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    gpus: str | None = typer.Option(None, "--gpus", help="all (every visible GPU, else the "
+                                    "CPU), none (CPU), or GPU ids such as 0,1,3."),
+    trials_per_gpu: int | None = typer.Option(None, "--trials-per-gpu",
+                                              help="Trials sharing each GPU."),
+    workers: int | None = typer.Option(None, "--workers",
+                                       help="Trials in parallel on the CPU (cores divided)."),
+    timeout: str | None = typer.Option(None, "--timeout", metavar="DURATION",
+                                       help="Start no new trial after this long: 90m, 2h, 1h30m."),
+    enqueue: list[str] | None = typer.Option(
+        None, "--enqueue", metavar="NAME=VALUE,...",
+        help="Run this configuration first, e.g. lr=0.001,batch_size=32,arch=resnet18 "
+             "(repeatable)."),
+    backend: str | None = typer.Option(None, "--backend", help="optuna or ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address",
+                                           help="Join this Ray cluster (backend ray)."),
     lr: str | None = _spec_option("--lr", "Learning rate"),
     momentum: str | None = _spec_option("--momentum", "SGD momentum / Adam beta1"),
     batch_size: str | None = _spec_option("--batch-size", "Batch size"),
@@ -107,11 +121,15 @@ def search(
     from hpo.search import run_search
     from hpo.space import SpaceError
     from hpo.store import Store
-    from hpo.study import StudyError, load_study
+    from hpo.study import StudyError, load_study, parse_assignments, parse_duration
 
     overrides: dict[str, Any] = {
         "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
-        "objective": objective, "sampler": sampler, "pruner": pruner, "device": device,
+        "objective": objective, "sampler": sampler, "pruner": pruner, "gpus": gpus,
+        "trials_per_gpu": trials_per_gpu, "workers": workers, "backend": backend,
+        "ray_address": ray_address,
+        "timeout": parse_duration(timeout) if timeout is not None else None,
+        "enqueue": [parse_assignments(item) for item in enqueue] if enqueue else None,
         "data.image_size": image_size, "data.path": str(data) if data else None,
         "space.lr": lr, "space.momentum": momentum, "space.batch_size": batch_size,
         "space.arch": arch, "space.weight_decay": weight_decay, "space.dropout": dropout,

@@ -52,7 +52,7 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     observer = observer or NullObserver()
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
-    device = resolve_device(spec.device)
+    device = resolve_device("cpu" if spec.gpus == "none" else "auto")
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     store.create()  # after the data is known to be usable: bad input leaves nothing behind

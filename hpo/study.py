@@ -5,6 +5,7 @@ Precedence: code defaults < study file < command-line flags < the values a trial
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -121,7 +122,14 @@ class StudySpec(BaseModel):
     seed: int = Field(0, ge=0)  # the split, the sampler, and each trial's initialisation
     sampler: str = "tpe"
     pruner: str = "median"
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # Where trials run: "all" visible GPUs (else the CPU), "none" (CPU), or GPU ids "0,1,3"
+    gpus: str = Field("all", pattern=r"^(all|none|\d+(,\d+)*)$")
+    trials_per_gpu: int = Field(1, ge=1, le=64)  # trials sharing one GPU at a time
+    workers: int = Field(1, ge=1, le=256)  # trials in parallel on the CPU (cores divided)
+    timeout: float | None = Field(None, gt=0)  # seconds after which no new trial starts
+    # Known configurations to run first, e.g. a published baseline: [{lr: 0.001, arch: resnet18}]
+    enqueue: tuple[dict[str, Scalar], ...] = ()
+    ray_address: str | None = None  # join this Ray cluster (backend ray); None: a local runtime
     backend: str = "optuna"  # a name in hpo.backends.BACKENDS
     # Where pretrained weights files are looked for first (then torch hub's cache, $TORCH_HOME)
     weights_dir: str | None = None
@@ -163,6 +171,19 @@ class StudySpec(BaseModel):
         if True in self._possible("pretrained"):
             for arch in archs:
                 weights_file(arch, self.weights_dir)
+        return self
+
+    @model_validator(mode="after")
+    def _enqueued_configurations_fit(self) -> StudySpec:
+        """An enqueued configuration sets searched hyperparameters to values they may take."""
+        for config in self.enqueue:
+            for name, value in config.items():
+                HParams.check_value(name, value)
+                if name not in self.space or name not in {p.name for p in self.space.searched}:
+                    raise SpaceError(f"enqueue: {name} is not searched in this study, so it "
+                                     "cannot be set per trial")
+                if name == "arch":
+                    check_image_size(str(value), self.data.image_size)
         return self
 
     def _possible(self, name: str) -> list[Scalar]:
@@ -258,3 +279,44 @@ def first_error(exc: ValidationError, with_field: bool = True) -> str:
     more = len(exc.errors()) - 1
     tail = f"; and {more} more problem(s)" if more else ""
     return f"{where}: {message}{tail}" if with_field and where else message + tail
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "2h", "90m", "1h30m", "45s" or a plain number of seconds."""
+    text = text.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        if not text or match is None:
+            raise StudyError(f"--timeout {text!r}: expected a duration such as 90m, 2h or "
+                             "1h30m") from None
+        hours, minutes, secs = (float(g or 0) for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise StudyError(f"--timeout {text!r}: must be more than zero")
+    return seconds
+
+
+def parse_assignments(text: str) -> dict[str, Scalar]:
+    """ "lr=0.001,batch_size=32,arch=resnet18" as hyperparameter values, typed by HParams."""
+    from hpo.space import parse_param
+
+    kinds = HParams.kinds()
+    values: dict[str, Scalar] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not value.strip():
+            raise StudyError(f"--enqueue {text!r}: expected NAME=VALUE,... such as "
+                             "lr=0.001,batch_size=32")
+        if name not in kinds:
+            raise StudyError(f"--enqueue {text!r}: unknown hyperparameter {name!r}")
+        param = parse_param(name, value.strip(), kinds[name])
+        if not hasattr(param, "value"):
+            raise StudyError(f"--enqueue {text!r}: {name} needs one value, not a range")
+        values[name] = param.value  # type: ignore[union-attr]
+    return values

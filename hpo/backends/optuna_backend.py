@@ -126,7 +126,7 @@ class OptunaBackend:
         drawn = len(existing.trials) if existing is not None else 0
         study = optuna.create_study(
             study_name=spec.name, storage=storage, direction=direction, load_if_exists=True,
-            sampler=SAMPLERS.get(spec.sampler)(spec.seed + drawn, spec.trials),
+            sampler=SAMPLERS.get(spec.sampler)(spec.seed + drawn, spec.trials, spec.space),
             pruner=PRUNERS.get(spec.pruner)(),
         )
         study.set_user_attr("objective", spec.objective)

@@ -1,5 +1,5 @@
-"""Optuna's samplers and pruners by name. A sampler factory takes (seed, trials); a pruner
-factory takes nothing."""
+"""Optuna's samplers and pruners by name. A sampler factory takes (seed, trials, space); a
+pruner factory takes nothing."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from imgcls.registry import Registry
 if TYPE_CHECKING:
     import optuna
 
+    from hpo.space import SearchSpace
+
 SAMPLERS: Registry[Any] = Registry("sampler")
 PRUNERS: Registry[Any] = Registry("pruner")
 
 
 @SAMPLERS.register("tpe")
-def _tpe(seed: int, trials: int) -> optuna.samplers.BaseSampler:
+def _tpe(seed: int, trials: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     import optuna
 
     # TPE starts modelling the space after its random start-up trials: a third of the study,
@@ -24,7 +26,7 @@ def _tpe(seed: int, trials: int) -> optuna.samplers.BaseSampler:
 
 
 @SAMPLERS.register("random")
-def _random(seed: int, trials: int) -> optuna.samplers.BaseSampler:
+def _random(seed: int, trials: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     import optuna
 
     return optuna.samplers.RandomSampler(seed=seed)
