@@ -46,6 +46,9 @@ EpochObserver = Callable[[int, int, Mapping[str, float]], None]  # (trial, epoch
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted"
+# The worker process running the trial died (killed, out of host memory) before telling how the
+# trial ended; like an interrupted trial, work still to do, and its parameters are retried once.
+WORKER_LOST = "worker lost"
 EVAL_BATCH_SIZE = 256  # evaluation keeps no activations for backward: larger batches are cheap
 
 
@@ -118,7 +121,10 @@ def failure_reason(exc: BaseException, hp: HParams | None) -> str:
 
 def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
               should_prune: ShouldPrune | None = None,
-              on_epoch: EpochObserver | None = None) -> TrialOutcome:
+              on_epoch: EpochObserver | None = None,
+              placement: Mapping[str, str] | None = None) -> TrialOutcome:
+    """Train and record one trial. `placement`: tags saying where it runs (imgcls_hpo.device,
+    imgcls_hpo.worker), added to its MLflow run."""
     start = time.perf_counter()
     spec, data = ctx.spec, ctx.data
     outcome = TrialOutcome(number, dict(sampled), "FAIL")
@@ -129,7 +135,8 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
         outcome.params = hp.model_dump()
         if ctx.tracker is not None:
             run = ctx.tracker.start_trial(ctx.experiment_id, ctx.study_run_id, spec.name, number,
-                                          {**outcome.params, **ctx.trial_settings(number)})
+                                          {**outcome.params, **ctx.trial_settings(number)},
+                                          tags=placement)
             outcome.run_id = run.run_id
         result, model, pruned = _train(ctx, number, hp, run, should_prune, on_epoch)
         outcome.epochs = result.epochs

@@ -33,6 +33,8 @@ TAG_STUDY = "imgcls_hpo.study"
 TAG_TRIAL = "imgcls_hpo.trial_number"
 TAG_STATE = "imgcls_hpo.state"
 TAG_FAIL_REASON = "imgcls_hpo.fail_reason"
+TAG_DEVICE = "imgcls_hpo.device"  # where a trial trained: "cpu", "cuda:1" (the search's index)
+TAG_WORKER = "imgcls_hpo.worker"  # the worker slot that ran it: "cpu/worker0", "gpu1/slot0"
 MODEL_NAME = "model"
 
 # How a trial's end shows in MLflow's own run status.
@@ -181,11 +183,15 @@ class Tracker:
     # -- trials --------------------------------------------------------------------------------
 
     def start_trial(self, experiment_id: str, study_run_id: str, study: str, number: int,
-                    params: Mapping[str, Any]) -> TrialRun:
+                    params: Mapping[str, Any], tags: Mapping[str, str] | None = None
+                    ) -> TrialRun:
+        """Open the trial's run under the study run. `tags`: extra tags, such as where the
+        trial runs (imgcls_hpo.device, imgcls_hpo.worker)."""
         run = self.client.create_run(
             experiment_id,
             run_name=f"trial-{number:03d}",
             tags={
+                **(tags or {}),
                 "mlflow.parentRunId": study_run_id,
                 TAG_ROLE: "trial",
                 TAG_STUDY: study,
