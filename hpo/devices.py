@@ -32,8 +32,9 @@ class GpuInfo:
 def discover_gpus() -> list[GpuInfo]:
     """The CUDA devices this process sees; [] without CUDA.
 
-    The count comes from NVML and does not initialise CUDA; the names and memory do, so worker
-    processes must be started with the "spawn" method (a forked child cannot use CUDA then).
+    torch counts the devices through NVML where it can, without initialising CUDA; reading
+    their names and memory initialises it, so worker processes must be started with the
+    "spawn" method (a child forked after that cannot use CUDA).
     """
     count = torch.cuda.device_count()
     gpus = []
