@@ -12,7 +12,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from hpo.backends import NullObserver, SearchObserver, get_backend
+from hpo.devices import apply_slot, plan_slots
 from hpo.objective import StudyContext, TrialOutcome
 from hpo.store import Store
 from hpo.study import StudySpec
@@ -20,7 +23,6 @@ from hpo.tracking import Tracker
 from imgcls.data import PreparedData, prepare_data
 from imgcls.data.cache import Progress
 from imgcls.metrics import check_objective
-from imgcls.train import resolve_device
 
 STUDY_RUN_ATTR = "mlflow_run_id"  # the backend study's link to its MLflow parent run
 
@@ -52,7 +54,9 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     observer = observer or NullObserver()
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
-    device = resolve_device("cpu" if spec.gpus == "none" else "auto")
+    slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)  # bad --gpus: fail now
+    # One slot trains in this process; several train in worker processes, each pinned to its own.
+    device = apply_slot(slots[0]) if len(slots) == 1 else torch.device("cpu")
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     store.create()  # after the data is known to be usable: bad input leaves nothing behind

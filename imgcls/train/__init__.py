@@ -13,7 +13,7 @@ from imgcls.train.engine import (
 )
 from imgcls.train.losses import build_loss, class_weights, l2_penalty, penalized_weights
 from imgcls.train.optim import OPTIMIZERS, build_optimizer, trainable_parameters
-from imgcls.train.runtime import resolve_device, seed_everything
+from imgcls.train.runtime import seed_everything
 from imgcls.train.schedules import (
     SCHEDULERS,
     Schedule,
@@ -26,6 +26,6 @@ __all__ = [
     "OPTIMIZERS", "SCHEDULERS", "Decision", "Diverged", "EarlyStopping", "EpochCallback",
     "Evaluation", "FitResult", "Schedule", "SchedulePlan", "TrainConfig", "build_loss",
     "build_optimizer", "build_scheduler", "class_weights", "evaluate", "fit", "l2_penalty",
-    "lr_multiplier", "penalized_weights", "resolve_device", "seed_everything",
+    "lr_multiplier", "penalized_weights", "seed_everything",
     "train_one_epoch", "trainable_parameters",
 ]
