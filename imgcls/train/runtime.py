@@ -1,5 +1,4 @@
-"""The seeds a training run needs, set by an explicit call, never at import. (Where a trial runs
-is hpo.devices' business.)"""
+"""The seeds a training run needs, set by an explicit call, never at import."""
 
 from __future__ import annotations
 
