@@ -75,8 +75,10 @@ def search(
     seed: int | None = typer.Option(None, "--seed"),
     image_size: int | None = typer.Option(None, "--image-size"),
     data: Path | None = typer.Option(None, "--data", help="The data folder."),
-    objective: str | None = typer.Option(None, "--objective", help="A validation metric: "
-                                         f"{', '.join(OBJECTIVE_METRICS)}."),
+    objective: list[str] | None = typer.Option(
+        None, "--objective", metavar="METRIC[:max|min]",
+        help=f"A validation metric: {', '.join(OBJECTIVE_METRICS)}. Repeat it for a Pareto "
+             "search, e.g. --objective val_f1 --objective flops:min (also macs, params_count)."),
     skip_bad_images: bool = typer.Option(
         False, "--skip-bad-images",
         help="Leave out unreadable files and placeholders (listed in the study run) instead of "
@@ -118,14 +120,15 @@ def search(
 ) -> None:
     """Run (or resume) a hyperparameter search; every trial is tracked in MLflow."""
     from hpo.progress import SearchProgress, summary_table
-    from hpo.search import run_search
+    from hpo.search import pareto_front, run_search
     from hpo.space import SpaceError
     from hpo.store import Store
     from hpo.study import StudyError, load_study, parse_assignments, parse_duration
 
     overrides: dict[str, Any] = {
         "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
-        "objective": objective, "sampler": sampler, "pruner": pruner, "gpus": gpus,
+        "objective": (objective[0] if len(objective) == 1 else objective) if objective else None,
+        "sampler": sampler, "pruner": pruner, "gpus": gpus,
         "trials_per_gpu": trials_per_gpu, "workers": workers, "backend": backend,
         "ray_address": ray_address,
         "timeout": parse_duration(timeout) if timeout is not None else None,
@@ -150,6 +153,9 @@ def search(
         overrides[f"space.{name.strip()}"] = spec_text
     spec = load_study(study, overrides)
     where = Store.resolve(store, tracking_uri, storage)
+    if spec.objectives and spec.pruner != "none":
+        err_console.print(f"[yellow]note:[/] pruning is off in a Pareto search ({spec.pruner} "
+                          "compares one value per epoch)", soft_wrap=True)
 
     try:
         with SearchProgress(console, where) as progress:
@@ -169,6 +175,13 @@ def search(
     console.print(f"{len(result.trials)} trials in study {spec.name}: "
                   f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
                   f"{counts['FAIL']} failed.", soft_wrap=True)
+    if spec.objectives:
+        front = pareto_front(result.trials, spec)
+        names = ", ".join(name for name, _ in spec.terms)
+        console.print(f"Pareto-optimal trials ({names}): "
+                      + (", ".join(f"{t.number} ({', '.join(f'{v:.4g}' for v in t.values or [])})"
+                                   for t in front) or "none yet")
+                      + "; tagged imgcls_hpo.pareto=true in MLflow.", soft_wrap=True)
     console.print(_ui_hint(where, store), soft_wrap=True)  # a command to copy: never wrapped
     if result.best is None:
         err_console.print("error: no trial completed; the failure reasons are listed above")

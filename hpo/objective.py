@@ -58,6 +58,7 @@ class TrialOutcome:
     params: dict[str, Scalar]  # every hyperparameter the trial trained with
     state: TrialState
     value: float | None = None  # the best epoch's objective value
+    values: list[float] | None = None  # a Pareto search's objective values, in the study's order
     best_epoch: int = 0
     epochs: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the best epoch's metrics
@@ -138,13 +139,16 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
                                           {**outcome.params, **ctx.trial_settings(number)},
                                           tags=placement)
             outcome.run_id = run.run_id
-        result, model, pruned = _train(ctx, number, hp, run, should_prune, on_epoch)
+        result, model, pruned, cost = _train(ctx, number, hp, run, should_prune, on_epoch)
         outcome.epochs = result.epochs
         if result.best_epoch == 0:
             raise RuntimeError(f"no epoch gave a finite {spec.objective}")
         outcome.best_epoch = result.best_epoch
         outcome.metrics = result.best_metrics
         outcome.value = result.best_metrics[spec.objective]
+        if spec.objectives:  # a Pareto search: every objective's value, in the study's order
+            scores = {**result.best_metrics, **cost}
+            outcome.values = [scores[name] for name, _ in spec.terms]
         outcome.state = "PRUNED" if pruned else "COMPLETE"
         outcome.test = _assess(ctx, number, run, result, model)
         if run is not None:
@@ -171,8 +175,9 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
 
 def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
            should_prune: ShouldPrune | None, on_epoch: EpochObserver | None
-           ) -> tuple[FitResult, torch.nn.Module, bool]:
-    """Train one trial; also says whether the pruner stopped it."""
+           ) -> tuple[FitResult, torch.nn.Module, bool, dict[str, float]]:
+    """Train one trial; also says whether the pruner stopped it, and what the model costs
+    (parameters, FLOPs and MACs per image)."""
     spec, data = ctx.spec, ctx.data
     seed = trial_seed(spec.seed, number)
     seed_everything(seed)
@@ -180,10 +185,11 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
                         data.config.image_size, pretrained=hp.pretrained, freeze=hp.freeze,
                         weights_dir=spec.weights_dir)
     profile = profile_model(model, hp.arch, data.in_channels, data.config.image_size)
+    cost = {"params_count": float(profile.params), "flops": float(profile.flops),
+            "macs": float(profile.macs)}
     model = model.to(ctx.device)
     if run is not None:
-        run.log_metrics({"params_count": profile.params, "flops": profile.flops,
-                         "macs": profile.macs})
+        run.log_metrics(cost)
     train = data.batches("train", hp.batch_size, augment=hp.augment(), seed=seed,
                          device=ctx.device)
     val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device)
@@ -213,7 +219,7 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
     result = fit(model, train, val, config, data.num_classes, on_epoch_end)
     if run is not None:
         run.log_metrics({"train_seconds": time.perf_counter() - started})
-    return result, model, pruned
+    return result, model, pruned, cost
 
 
 def _assess(ctx: StudyContext, number: int, run: TrialRun | None, result: FitResult,

@@ -110,8 +110,27 @@ def _log_study_summary(tracker: Tracker, run_id: str, spec: StudySpec,
     counts = result.counts()
     tracker.log_metrics(run_id, {f"trials_{state.lower()}": counts.get(state, 0)
                                  for state in ("COMPLETE", "PRUNED", "FAIL")})
+    if spec.objectives:  # a Pareto search: tag the trials no other trial beats on every term
+        front = {t.number for t in pareto_front(trials, spec)}
+        for t in trials:
+            if t.state == "COMPLETE" and t.run_id:
+                tracker.set_tags(t.run_id, {"imgcls_hpo.pareto": str(t.number in front).lower()})
+        tracker.set_tags(run_id, {"imgcls_hpo.pareto_trials": ",".join(map(str, sorted(front)))})
     best = result.best
     if best is not None and best.value is not None:
         tracker.log_metrics(run_id, {f"best_{spec.objective}": best.value})
         tracker.set_tags(run_id, {"imgcls_hpo.best_trial": best.number,
                                   "imgcls_hpo.best_run_id": best.run_id or ""})
+
+
+def pareto_front(trials: list[TrialOutcome], spec: StudySpec) -> list[TrialOutcome]:
+    """The COMPLETE trials that no other trial dominates: at least as good on every objective
+    and better on one."""
+    signs = [1.0 if direction == "max" else -1.0 for _, direction in spec.terms]
+    scored = [(t, [s * v for s, v in zip(signs, t.values, strict=True)]) for t in trials
+              if t.state == "COMPLETE" and t.values is not None]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    return [t for t, mine in scored if not any(dominates(other, mine) for _, other in scored)]

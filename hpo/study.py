@@ -116,6 +116,10 @@ class StudySpec(BaseModel):
     description: str = ""
     data: DataConfig
     objective: str = "val_f1"  # a validation metric; its direction is implied
+    # A Pareto search: every objective as NAME:DIRECTION, the first being `objective` (which
+    # picks each trial's best epoch); empty for a single objective. Set by giving `objective`
+    # a list: [val_f1:max, flops:min].
+    objectives: tuple[str, ...] = ()
     trials: int = Field(20, ge=1)  # finished trials wanted in total, over every run of `search`
     max_epochs: int = Field(10, ge=1)
     patience: int | None = Field(3, ge=1)  # None: never stop early
@@ -134,6 +138,18 @@ class StudySpec(BaseModel):
     # Where pretrained weights files are looked for first (then torch hub's cache, $TORCH_HOME)
     weights_dir: str | None = None
     space: SearchSpace = Field(default_factory=SearchSpace)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _several_objectives(cls, raw: Any) -> Any:
+        """`objective: [val_f1:max, flops:min]` -> objective val_f1, objectives both terms."""
+        if isinstance(raw, dict) and isinstance(raw.get("objective"), list | tuple):
+            terms = [str(t) for t in raw["objective"]]
+            if not terms:
+                raise ValueError("objective: give at least one metric")
+            raw = {**raw, "objective": terms[0].partition(":")[0],
+                   "objectives": [objective_term(t) for t in terms] if len(terms) > 1 else []}
+        return raw
 
     @field_validator("objective")
     @classmethod
@@ -195,6 +211,14 @@ class StudySpec(BaseModel):
     @property
     def direction(self) -> Direction:
         return metric_direction(self.objective)
+
+    @property
+    def terms(self) -> list[tuple[str, Direction]]:
+        """Every objective with its direction (one for a single-objective study)."""
+        if not self.objectives:
+            return [(self.objective, self.direction)]
+        return [(name, direction) for name, _, direction in
+                (t.partition(":") for t in self.objectives)]  # type: ignore[misc]
 
     def trial_params(self, sampled: Mapping[str, Scalar]) -> HParams:
         """Defaults < the space's fixed values < the sampled values, validated."""
@@ -320,3 +344,29 @@ def parse_assignments(text: str) -> dict[str, Scalar]:
             raise StudyError(f"--enqueue {text!r}: {name} needs one value, not a range")
         values[name] = param.value  # type: ignore[union-attr]
     return values
+
+
+# What a Pareto search may trade against a validation metric: the cost of the model.
+COST_METRICS: dict[str, Direction] = {"flops": "min", "macs": "min", "params_count": "min"}
+
+
+def objective_term(text: str) -> str:
+    """ "val_f1:max", "flops" -> "NAME:DIRECTION", checked: a validation metric or a model cost,
+    with the direction given or implied."""
+    name, _, direction = text.strip().partition(":")
+    if name in COST_METRICS:
+        implied = COST_METRICS[name]
+    else:
+        try:
+            implied = metric_direction(name)
+        except ConfigError:
+            raise ValueError(
+                f"objective {name!r} is neither a validation metric nor a model cost "
+                f"({', '.join(COST_METRICS)})"
+            ) from None
+    if direction and direction not in ("max", "min"):
+        raise ValueError(f"objective {text!r}: the direction is max or min, not {direction!r}")
+    if direction and name not in COST_METRICS and direction != implied:
+        raise ValueError(f"objective {text!r}: {name} is better when "
+                         f"{'higher' if implied == 'max' else 'lower'} ({name}:{implied})")
+    return f"{name}:{direction or implied}"
