@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from hpo.backends.optuna_samplers import PRUNERS, SAMPLERS
 from imgcls.errors import ImgclsError
 from imgcls.metrics import OBJECTIVE_METRICS
 
@@ -87,8 +88,12 @@ def search(
         None, "--set", metavar="KEY=VALUE",
         help="Any study setting, e.g. data.split=sorted, data.classes=[health,tb], "
              "weights_dir=~/weights (values read as YAML)."),
-    sampler: str | None = typer.Option(None, "--sampler", help="tpe or random."),
-    pruner: str | None = typer.Option(None, "--pruner", help="median or none."),
+    sampler: str | None = typer.Option(None, "--sampler",
+                                       help=f"Optuna: {', '.join(SAMPLERS.names())}; Ray: tpe, "
+                                            "random."),
+    pruner: str | None = typer.Option(None, "--pruner",
+                                      help=f"Optuna: {', '.join(PRUNERS.names())}; Ray: asha, "
+                                           "hyperband, pbt, none."),
     gpus: str | None = typer.Option(None, "--gpus", help="all (every visible GPU, else the "
                                     "CPU), none (CPU), or GPU ids such as 0,1,3."),
     trials_per_gpu: int | None = typer.Option(None, "--trials-per-gpu",
