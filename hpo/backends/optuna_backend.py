@@ -1,13 +1,23 @@
-"""Optuna: study storage and the ask/tell trial loop (samplers and pruners: optuna_samplers)."""
+"""Optuna: study storage and the study (samplers and pruners: optuna_samplers; the ask/tell
+trial loop, in this process or in one worker process per slot: workers)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpo.backends.base import BACKENDS, SearchObserver, counts_as_finished
-from hpo.backends.optuna_samplers import PRUNERS, SAMPLERS
-from hpo.objective import INTERRUPTED, TrialOutcome, headline_test, run_trial
+from hpo.backends import workers
+from hpo.backends.base import BACKENDS, SearchObserver
+from hpo.backends.optuna_samplers import (
+    PRUNERS,
+    SAMPLERS,
+    check_space,
+    planned_trials,
+    sampler_seed,
+)
+from hpo.devices import plan_slots
+from hpo.objective import TrialOutcome
 from hpo.study import StudyError, StudySpec
 from imgcls.errors import first_line
 
@@ -16,6 +26,13 @@ if TYPE_CHECKING:
 
     from hpo.objective import StudyContext
     from hpo.store import Store
+
+# RDB storages keep each running trial's heartbeat: a trial whose worker has not beaten for
+# HEARTBEAT_GRACE_S seconds is taken as lost, wherever it ran (see workers). Beats are cheap
+# (one row update); the grace outlasts a busy host's stalls.
+HEARTBEAT_S = 60
+HEARTBEAT_GRACE_S = 600
+
 
 def make_storage(store: Store) -> optuna.storages.BaseStorage:
     """The journal file under the store; or --storage: a database URL (sqlite:///...,
@@ -26,7 +43,10 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage:
     target = store.optuna_storage
     if target and "://" in target:
         try:
-            return optuna.storages.RDBStorage(target)
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(target, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=HEARTBEAT_GRACE_S)
         except Exception as exc:  # driver missing, server down, bad URL: all the user's to fix
             raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
                              ) from None
@@ -35,21 +55,11 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def _outcome(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
-    attrs = trial.user_attrs
-    value = trial.value if trial.state.name == "COMPLETE" else attrs.get("value")
-    return TrialOutcome(
-        number=trial.number, params=dict(trial.params), state=trial.state.name,  # type: ignore[arg-type]
-        value=value, best_epoch=attrs.get("best_epoch", 0), epochs=attrs.get("epochs", 0),
-        fail_reason=attrs.get("fail_reason"), run_id=attrs.get("mlflow_run_id"),
-        seconds=attrs.get("seconds", 0.0), test=attrs.get("test", {}),
-    )
-
-
 class OptunaStudy:
-    def __init__(self, study: optuna.Study, spec: StudySpec) -> None:
+    def __init__(self, study: optuna.Study, spec: StudySpec, store: Store) -> None:
         self.study = study
         self.spec = spec
+        self.store = store
 
     def get_attr(self, key: str) -> Any:
         return self.study.user_attrs.get(key)
@@ -58,41 +68,18 @@ class OptunaStudy:
         self.study.set_user_attr(key, value)
 
     def trials(self) -> list[TrialOutcome]:
-        return [_outcome(t) for t in self.study.get_trials(deepcopy=False)]
+        """Every trial started (RUNNING ones included), oldest first; enqueued ones that have
+        not started yet (WAITING) are not trials of the study yet."""
+        return [workers.outcome_of(t) for t in self.study.get_trials(deepcopy=False)
+                if t.state.name != "WAITING"]
 
     def optimize(self, ctx: StudyContext, observer: SearchObserver) -> None:
-        from optuna.trial import TrialState
-
-        distributions = self.spec.space.to_optuna()
-        finished = sum(counts_as_finished(t) for t in self.trials())
-        while finished < self.spec.trials:
-            trial = self.study.ask(distributions)
-            observer.trial_started(trial.number, trial.params)
-
-            def should_prune(epoch: int, value: float, trial: optuna.Trial = trial) -> bool:
-                trial.report(value, step=epoch)
-                return trial.should_prune()
-
-            try:
-                outcome = run_trial(ctx, trial.number, trial.params, should_prune,
-                                    observer.epoch_finished)
-            except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", INTERRUPTED)
-                self.study.tell(trial, state=TrialState.FAIL)
-                raise
-            for key, value in (("mlflow_run_id", outcome.run_id),
-                               ("fail_reason", outcome.fail_reason),
-                               ("value", outcome.value), ("best_epoch", outcome.best_epoch),
-                               ("epochs", outcome.epochs), ("seconds", outcome.seconds),
-                               ("test", headline_test(outcome.test, self.spec.objective) or None)):
-                if value is not None:
-                    trial.set_user_attr(key, value)
-            if outcome.state == "COMPLETE":
-                self.study.tell(trial, outcome.value)
-            else:
-                self.study.tell(trial, state=TrialState[outcome.state])
-            observer.trial_finished(outcome)
-            finished += 1
+        """Trials on every slot of the study's placement (gpus, trials_per_gpu, workers): in
+        this process for one slot (on ctx.device), in one worker process per slot otherwise."""
+        spec = self.spec
+        slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)
+        target = planned_trials(spec.sampler, spec.space, spec.trials)  # grid: at most its size
+        workers.optimize(self.study, self.store, ctx, observer, slots, target)
 
 
 @BACKENDS.register("optuna")
@@ -100,16 +87,14 @@ class OptunaBackend:
     name = "optuna"
 
     def check(self, spec: StudySpec) -> None:
-        SAMPLERS.entry(spec.sampler)
+        check_space(spec.sampler, spec.space, spec.enqueue, len(spec.terms))
         PRUNERS.entry(spec.pruner)
 
     def open(self, spec: StudySpec, store: Store) -> OptunaStudy:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to show
         self.check(spec)
         storage = make_storage(store)
-        direction = "maximize" if spec.direction == "max" else "minimize"
         # Peek at the stored study first: a resumed sampler is seeded past the trials it has
         # already drawn, so that it does not replay the same random start-up points.
         try:
@@ -124,10 +109,24 @@ class OptunaBackend:
                     f"not {spec.objective}; use another --store, or another study name"
                 )
         drawn = len(existing.trials) if existing is not None else 0
-        study = optuna.create_study(
-            study_name=spec.name, storage=storage, direction=direction, load_if_exists=True,
-            sampler=SAMPLERS.get(spec.sampler)(spec.seed + drawn, spec.trials, spec.space),
-            pruner=PRUNERS.get(spec.pruner)(),
-        )
+        study = open_optuna_study(spec, storage, spec.seed + drawn)
         study.set_user_attr("objective", spec.objective)
-        return OptunaStudy(study, spec)
+        return OptunaStudy(study, spec, store)
+
+
+def open_optuna_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
+                      fresh_seed: int) -> optuna.Study:
+    """The study in `storage`, created on first use, with the spec's sampler and pruner. Each
+    worker process opens it too. `fresh_seed`: a seed no other process of the study uses (see
+    sampler_seed)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to show
+    return optuna.create_study(
+        study_name=spec.name, storage=storage, load_if_exists=True,
+        directions=["maximize" if direction == "max" else "minimize"
+                    for _, direction in spec.terms],
+        sampler=SAMPLERS.get(spec.sampler)(sampler_seed(spec.sampler, spec.seed, fresh_seed),
+                                           spec.trials, spec.space),
+        pruner=PRUNERS.get(spec.pruner)(spec.max_epochs),
+    )

@@ -1,0 +1,381 @@
+"""Trials in worker processes: exact counts, lost workers, timeout, enqueued configurations.
+
+The fast tests replace the training with a stub (`fake_trials`) to check the loop's rules on a
+real Optuna journal; the slow ones train for real, in worker processes, and kill them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from hpo.backends import workers
+from hpo.backends.optuna_backend import OptunaBackend, OptunaStudy, make_storage
+from hpo.objective import StudyContext, TrialOutcome
+from hpo.search import run_search
+from hpo.space import Scalar
+from hpo.store import Store
+from hpo.tracking import Tracker
+
+HERE = socket.gethostname()
+
+
+class Recorder:
+    """An observer that keeps every event."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.epochs: list[tuple[int, int]] = []
+        self.finished: list[TrialOutcome] = []
+
+    def study_started(self, *args: Any) -> None:
+        pass
+
+    def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
+        self.started.append(number)
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.epochs.append((number, epoch))
+
+    def trial_finished(self, outcome: TrialOutcome) -> None:
+        self.finished.append(outcome)
+
+
+# -- the loop's rules, with training stubbed out ------------------------------------------------
+
+@pytest.fixture
+def fake_trials(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replace training with an instant COMPLETE trial (value 0.5); returns the calls made."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
+                       should_prune: Any = None, on_epoch: Any = None,
+                       placement: Mapping[str, str] | None = None) -> TrialOutcome:
+        calls.append({"number": number, "params": dict(sampled), "placement": placement})
+        return TrialOutcome(number, dict(sampled), "COMPLETE", value=0.5, epochs=1,
+                            best_epoch=1)
+
+    monkeypatch.setattr(workers, "run_trial", fake_run_trial)
+    return calls
+
+
+def _open(study_file: Path, store: Store, **overrides: Any) -> tuple[OptunaStudy, StudyContext]:
+    from hpo.study import load_study
+
+    spec = load_study(str(study_file), {"gpus": "none", **overrides})
+    store.create()
+    study = OptunaBackend().open(spec, store)
+    # the stubbed trials need no data and no tracking
+    return study, StudyContext(spec, None, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def _optimize(study: OptunaStudy, ctx: StudyContext, observer: Any = None) -> None:
+    study.optimize(ctx, observer or Recorder())
+
+
+def _ask(study: OptunaStudy, **attrs: Any) -> optuna.Trial:
+    """A RUNNING trial as a worker leaves it, with the given user attrs."""
+    with warnings.catch_warnings():  # an RDB storage's heartbeat, recorded by hand here
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trial = study.study.ask(study.spec.space.to_optuna())
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    return trial
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # ended and reaped: nothing runs under this pid now
+    return proc.pid
+
+
+def test_a_study_runs_exactly_its_trials_here_with_placement(
+        study_file: Path, store: Store, fake_trials: list[dict[str, Any]]) -> None:
+    study, ctx = _open(study_file, store, trials=3)
+    observer = Recorder()
+    _optimize(study, ctx, observer)
+    assert [(t.number, t.state) for t in study.trials()] == [
+        (0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+    assert observer.started == [0, 1, 2] and [o.number for o in observer.finished] == [0, 1, 2]
+    assert fake_trials[0]["placement"] == {"imgcls_hpo.device": "cpu",
+                                           "imgcls_hpo.worker": "cpu/worker0"}
+    attrs = study.study.trials[0].user_attrs
+    assert (attrs["host"], attrs["pid"], attrs["worker"]) == (HERE, os.getpid(), "cpu/worker0")
+
+    resumed, ctx = _open(study_file, store, trials=5)
+    _optimize(resumed, ctx)
+    assert len(fake_trials) == 5 and len(resumed.trials()) == 5
+
+
+def test_interrupted_and_lost_trials_are_work_to_do_and_running_ones_are_counted(
+        study_file: Path, store: Store, fake_trials: list[dict[str, Any]]) -> None:
+    study, ctx = _open(study_file, store, trials=5)
+    told = [("COMPLETE", None), ("FAIL", "interrupted"), ("FAIL", "worker lost"),
+            ("FAIL", "diverged at epoch 1")]  # trials 0 to 3
+    for state, reason in told:
+        trial = _ask(study, **({"fail_reason": reason} if reason else {}))
+        study.study.tell(trial, 0.5 if state == "COMPLETE" else None,
+                         state=TrialState[state])
+    # a trial running elsewhere: it may still finish, so it takes a place
+    _ask(study, host="another-host", pid=1)
+    _optimize(study, ctx)
+    # 5 = 2 finished before (0 and 3) + 1 running + 2 new
+    assert [c["number"] for c in fake_trials] == [5, 6]
+    assert [t.state for t in study.trials()][4:] == ["RUNNING", "COMPLETE", "COMPLETE"]
+
+
+def test_trials_of_dead_workers_fail_as_lost_and_are_retried_once(
+        study_file: Path, store: Store, fake_trials: list[dict[str, Any]]) -> None:
+    study, ctx = _open(study_file, store, trials=3)
+    lost = _ask(study, host=HERE, pid=_dead_pid(), worker="cpu/worker1")
+    lost_retry = _ask(study, host=HERE, pid=_dead_pid(), retry_of=7)
+    alive = _ask(study, host=HERE, pid=os.getpid())
+    _optimize(study, ctx)
+
+    trials = {t.number: t for t in study.trials()}
+    for number in (lost.number, lost_retry.number):
+        assert (trials[number].state, trials[number].fail_reason) == ("FAIL", "worker lost")
+    assert trials[alive.number].state == "RUNNING"  # its worker lives: left alone, counted
+    # the lost trial's parameters ran first, once; the lost retry was not retried again
+    assert [c["number"] for c in fake_trials] == [3, 4]
+    assert fake_trials[0]["params"] == lost.params
+    assert study.study.trials[3].user_attrs["retry_of"] == lost.number
+    assert "retry_of" not in study.study.trials[4].user_attrs
+    assert fake_trials[1]["params"] != lost_retry.params
+
+
+def test_enqueued_configurations_run_first_and_once_per_study(
+        study_file: Path, store: Store, fake_trials: list[dict[str, Any]]) -> None:
+    configs = [{"lr": 0.05, "batch_size": 8}, {"lr": 0.02, "batch_size": 4, "dropout": 0.1}]
+    study, ctx = _open(study_file, store, trials=1, enqueue=configs)
+    _optimize(study, ctx)
+    assert len(fake_trials) == 1 and fake_trials[0]["params"]["lr"] == 0.05
+    assert fake_trials[0]["params"]["batch_size"] == 8
+    assert len(study.trials()) == 1  # the second waits: not a trial of the study yet
+
+    resumed, ctx = _open(study_file, store, trials=3, enqueue=configs)
+    _optimize(resumed, ctx)
+    assert fake_trials[1]["params"] == {"lr": 0.02, "batch_size": 4, "dropout": 0.1}
+    assert fake_trials[2]["params"]["lr"] not in (0.05, 0.02)  # sampled, not enqueued again
+    fixed = [t.system_attrs.get("fixed_params") for t in resumed.study.trials]
+    assert sum(f is not None for f in fixed) == 2
+
+
+def test_no_trial_starts_after_the_timeout(study_file: Path, store: Store,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+
+    def slow_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
+                   *args: Any) -> TrialOutcome:
+        started.append(number)
+        time.sleep(0.7)  # longer than the timeout: the next trial would start after it
+        return TrialOutcome(number, dict(sampled), "COMPLETE", value=0.5)
+
+    monkeypatch.setattr(workers, "run_trial", slow_trial)
+    study, ctx = _open(study_file, store, trials=10, timeout=0.5)
+    _optimize(study, ctx)
+    assert started == [0]  # the running trial finished; no other started
+    assert [t.state for t in study.trials()] == ["COMPLETE"]
+
+
+def test_pid_alive_tells_running_dead_and_zombie_processes() -> None:
+    assert workers.pid_alive(os.getpid())
+    assert not workers.pid_alive(_dead_pid())
+    zombie = subprocess.Popen(["true"])  # ends, but is not reaped until wait()
+    try:
+        for _ in range(200):
+            stat = Path(f"/proc/{zombie.pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert not workers.pid_alive(zombie.pid)
+    finally:
+        zombie.wait()
+
+
+def test_the_study_lock_keeps_other_processes_out(tmp_path: Path) -> None:
+    lock = tmp_path / "store" / "optuna.lock"
+    probe = ("import fcntl, sys\n"
+             "with open(sys.argv[1], 'a') as f:\n"
+             "    try:\n"
+             "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "    except BlockingIOError:\n"
+             "        sys.exit(3)\n")
+    with workers.study_lock(lock):
+        held = subprocess.run([sys.executable, "-c", probe, str(lock)])
+    free = subprocess.run([sys.executable, "-c", probe, str(lock)])
+    assert (held.returncode, free.returncode) == (3, 0)
+
+
+def test_worker_seeds_differ_between_workers_and_resumes() -> None:
+    seeds = {workers.worker_seed(0, drawn, worker) for drawn in (0, 4) for worker in range(4)}
+    assert len(seeds) == 8
+    assert workers.worker_seed(0, 4, 1) == workers.worker_seed(0, 4, 1)
+
+
+@pytest.mark.slow
+def test_an_rdb_heartbeat_that_stopped_marks_the_trial_lost(
+        study_file: Path, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        fake_trials: list[dict[str, Any]]) -> None:
+    from hpo.backends import optuna_backend
+
+    monkeypatch.setattr(optuna_backend, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(optuna_backend, "HEARTBEAT_GRACE_S", 1)
+    rdb = Store(store.root, store.tracking_uri, f"sqlite:///{tmp_path}/optuna.db")
+    study, ctx = _open(study_file, rdb, trials=1)
+    storage = study.study._storage
+    silent = _ask(study, host="another-host", pid=1)
+    storage.record_heartbeat(silent._trial_id)
+    time.sleep(2.5)  # past the grace period (SQLite's clock counts whole seconds)
+    beating = _ask(study, host="another-host", pid=1)
+    storage.record_heartbeat(beating._trial_id)
+    assert workers.recover_lost_trials(study.study, ctx) == [silent.number]
+    assert optuna.load_study(study_name="tiny", storage=make_storage(rdb)).trials[
+        beating.number].state == TrialState.RUNNING
+
+
+# -- real trials in worker processes -----------------------------------------------------------
+
+def _trial_runs(store: Store) -> list[Any]:
+    client = MlflowClient(store.tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string="tags.imgcls_hpo.role = 'trial'")
+
+
+def _journal_study(store: Store) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=make_storage(store))
+
+
+@pytest.mark.slow
+def test_two_workers_finish_exactly_the_trials_and_report_to_the_observer(
+        study_file: Path, store: Store) -> None:
+    from hpo.study import load_study
+
+    observer = Recorder()
+    spec = load_study(str(study_file), {"trials": 3, "workers": 2, "gpus": "none"})
+    result = run_search(spec, store, observer)
+    assert sorted((t.number, t.state) for t in result.trials) == [
+        (0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+    # events came from the workers: every trial started, trained 2 epochs and finished
+    assert sorted(observer.started) == [0, 1, 2]
+    assert sorted(observer.epochs) == [(n, e) for n in range(3) for e in (1, 2)]
+    assert sorted(o.number for o in observer.finished) == [0, 1, 2]
+    pids = {t.user_attrs["pid"] for t in _journal_study(store).trials}
+    assert os.getpid() not in pids  # trained in worker processes, not here
+    runs = _trial_runs(store)
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        assert run.data.tags["imgcls_hpo.worker"] in ("cpu/worker0", "cpu/worker1")
+        assert run.data.tags["imgcls_hpo.device"] == "cpu"
+
+
+SEARCH_SCRIPT = """\
+import sys
+
+from hpo.search import run_search
+from hpo.store import Store
+from hpo.study import load_study
+
+if __name__ == "__main__":
+    spec = load_study(sys.argv[1], {"trials": 3, "workers": 2, "gpus": "none",
+                                    "max_epochs": 500})
+    run_search(spec, Store.resolve(sys.argv[2]))
+"""
+
+
+def _search_in_background(tmp_path: Path, study_file: Path, store: Store) -> subprocess.Popen:
+    """A 2-worker search of long trials in its own process group, and its first trial once it
+    has trained an epoch (its MLflow run is open)."""
+    script = tmp_path / "search.py"
+    script.write_text(SEARCH_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, str(script), str(study_file), str(store.root)],
+                            cwd=tmp_path, env=env, start_new_session=True)
+
+
+def _wait_for_a_trained_epoch(store: Store, proc: subprocess.Popen) -> optuna.trial.FrozenTrial:
+    end = time.monotonic() + 90
+    while time.monotonic() < end:
+        assert proc.poll() is None, "the search ended early"
+        if store.journal_path.exists():
+            for trial in _journal_study(store).get_trials(states=(TrialState.RUNNING,)):
+                if trial.intermediate_values and "pid" in trial.user_attrs:
+                    return trial
+        time.sleep(0.2)
+    raise AssertionError("no trial trained an epoch in 90 s")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
+        study_file: Path, store: Store, tmp_path: Path) -> None:
+    from hpo.study import load_study
+
+    proc = _search_in_background(tmp_path, study_file, store)
+    try:
+        victim = _wait_for_a_trained_epoch(store, proc)
+        os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the search process and the other worker too
+        proc.wait()
+    (run,) = [r for r in _trial_runs(store)
+              if r.data.tags["imgcls_hpo.trial_number"] == str(victim.number)]
+    assert run.info.status == "RUNNING"  # as the kill left it
+
+    spec = load_study(str(study_file), {"trials": 3, "max_epochs": 1, "gpus": "none"})
+    result = run_search(spec, store)
+    trials = {t.number: t for t in result.trials}
+    assert (trials[victim.number].state, trials[victim.number].fail_reason) == (
+        "FAIL", "worker lost")
+    run = MlflowClient(store.tracking_uri).get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["imgcls_hpo.fail_reason"] == "worker lost"
+    assert run.data.tags["imgcls_hpo.state"] == "FAIL"
+
+    stored = _journal_study(store).trials
+    retries = [t for t in stored if "retry_of" in t.user_attrs]
+    assert [t.user_attrs["retry_of"] for t in retries].count(victim.number) == 1
+    (retry,) = [t for t in retries if t.user_attrs["retry_of"] == victim.number]
+    assert retry.params == victim.params and retry.state == TrialState.COMPLETE
+    # exactly 3 finished, none running, each lost trial retried once
+    assert sum(workers.counts_towards_target(t) for t in result.trials) == 3
+    assert all(t.state != "RUNNING" for t in result.trials)
+    lost = [t.number for t in result.trials if t.fail_reason == "worker lost"]
+    assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(lost)
+    assert not [r for r in _trial_runs(store) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_and_their_trials_end_interrupted(
+        study_file: Path, store: Store, tmp_path: Path) -> None:
+    proc = _search_in_background(tmp_path, study_file, store)
+    try:
+        _wait_for_a_trained_epoch(store, proc)
+        os.kill(proc.pid, signal.SIGINT)  # the search process only: it must stop its workers
+        assert proc.wait(timeout=90) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    trials = _journal_study(store).trials
+    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"interrupted"}
+    runs = _trial_runs(store)
+    assert runs and {r.info.status for r in runs} == {"KILLED"}
+    tracker = Tracker(store.tracking_uri)
+    (study_run,) = tracker.client.search_runs(
+        [tracker.experiment("tiny")], filter_string="tags.imgcls_hpo.role = 'study'")
+    assert study_run.info.status == "KILLED"
