@@ -1,0 +1,318 @@
+"""The Ray Tune backend's own parts: the space in Ray's terms, its settings, placement, and (slow,
+with one Ray runtime for the module) pruning by a scheduler, interruption and restore."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from hpo import devices
+from hpo.backends import NullObserver, ray_backend
+from hpo.backends.ray_backend import (
+    RayBackend,
+    from_ray,
+    make_scheduler,
+    plan_placement,
+    pruner_name,
+    to_ray,
+)
+from hpo.objective import TrialOutcome
+from hpo.search import run_search
+from hpo.space import Choice, FloatRange, IntRange, SearchSpace
+from hpo.store import Store
+from hpo.study import StudyError, load_study
+from imgcls.errors import ConfigError
+
+SPACE = SearchSpace((
+    FloatRange("lr", 1e-4, 1e-1, log=True),
+    FloatRange("dropout", 0.0, 0.5),
+    IntRange("batch_size", 8, 12),
+    IntRange("lr_step_epochs", 1, 9, log=True),
+    Choice("arch", ("simplecnn", "resnet18")),
+    Choice("nesterov", (True, False)),
+))
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[None]:
+    """One local Ray runtime for the module's searches (starting one takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
+    yield
+    ray.shutdown()
+
+
+def _runs(store: Store, role: str) -> list[Any]:
+    client = MlflowClient(store.tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.imgcls_hpo.role = '{role}'")
+
+
+# --- the space ---------------------------------------------------------------------------------
+
+
+def test_ray_domains_draw_only_values_of_the_declared_space_bounds_included() -> None:
+    domains = to_ray(SPACE)
+    assert set(domains) == {p.name for p in SPACE.searched}
+    rng = np.random.default_rng(0)
+    for name, domain in domains.items():
+        drawn = [from_ray(SPACE, {name: v})[name] for v in domain.sample(size=2000,
+                                                                          random_state=rng)]
+        assert all(SPACE.contains(name, v) for v in drawn), name
+        param = SPACE[name]
+        if isinstance(param, IntRange):  # both ends drawn: HIGH too, though Ray's is exclusive
+            assert (min(drawn), max(drawn)) == (param.low, param.high), name
+        if isinstance(param, Choice):
+            assert set(drawn) == set(param.choices), name
+
+
+def test_the_searcher_sees_the_declared_bounds() -> None:
+    """OptunaSearch reads Ray's exclusive integer bound back as the inclusive one."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    distributions = OptunaSearch.convert_search_space(to_ray(SPACE))
+    assert (distributions["batch_size"].low, distributions["batch_size"].high) == (8, 12)
+    assert (distributions["lr_step_epochs"].high, distributions["lr_step_epochs"].log) == (9, True)
+    assert (distributions["lr"].low, distributions["lr"].high, distributions["lr"].log) == \
+        (1e-4, 1e-1, True)
+    assert distributions["nesterov"].choices == (True, False)
+
+
+def test_a_trial_config_comes_back_typed_and_inside_the_bounds() -> None:
+    config = {"lr": np.float64(0.10000000000000002), "batch_size": np.int64(12),
+              "dropout": 0.25, "nesterov": np.bool_(True), "arch": "resnet18", "other": 3}
+    values = from_ray(SPACE, config)
+    assert values == {"lr": 0.1, "batch_size": 12, "dropout": 0.25, "nesterov": True,
+                      "arch": "resnet18"}
+    assert type(values["batch_size"]) is int and type(values["nesterov"]) is bool
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"sampler": "cmaes"}, "the Ray backend samples with tpe or random, not 'cmaes'"),
+    ({"pruner": "pbt"}, "pruner 'pbt' is not available with the Ray backend: Population Based"),
+    ({"pruner": "percentile"}, r"unknown Ray pruner 'percentile' \(known: asha, hyperband, none"),
+    ({"objective": ["val_f1:max", "flops:min"]}, "Pareto.* runs on the Optuna backend"),
+    ({"ray_address": "10.0.0.1:6379", "gpus": "0,1"},
+     "--gpus 0,1 names this machine's GPUs, but trials run on the Ray cluster"),
+])
+def test_settings_ray_cannot_honour_fail_before_any_data_is_read(
+        study_file: Path, override: dict[str, Any], message: str) -> None:
+    spec = load_study(str(study_file), {"backend": "ray", **override})
+    with pytest.raises(ConfigError, match=message):
+        RayBackend().check(spec)
+
+
+def test_the_study_default_pruner_runs_as_asha_on_epochs(study_file: Path) -> None:
+    assert pruner_name("median") == "asha" and pruner_name("sha") == "asha"
+    spec = load_study(str(study_file), {"backend": "ray", "pruner": "median", "max_epochs": 20})
+    asha = make_scheduler(spec)
+    assert type(asha).__name__ == "AsyncHyperBandScheduler"
+    assert (asha._time_attr, asha._max_t) == ("epoch", 20)
+    assert [rung for rung, _ in asha._brackets[0]._rungs] == [12, 3]  # grace 3, factor 4
+    hyperband = make_scheduler(spec.model_copy(update={"pruner": "hyperband"}))
+    assert len(hyperband._brackets) == 3
+    assert type(make_scheduler(spec.model_copy(update={"pruner": "none"}))).__name__ == \
+        "FIFOScheduler"
+
+
+def test_a_stored_ray_study_keeps_its_objective(study_file: Path, store: Store) -> None:
+    backend = RayBackend()
+    study = backend.open(load_study(str(study_file), {"backend": "ray"}), store)
+    study.set_attr("mlflow_run_id", "abc")
+    assert (store.root / "ray" / "tiny" / "imgcls_hpo.json").is_file()
+    assert RayBackend().open(load_study(str(study_file)), store).get_attr("mlflow_run_id") == "abc"
+    with pytest.raises(StudyError, match="optimizes val_f1, not val_loss"):
+        backend.open(load_study(str(study_file), {"objective": "val_loss"}), store)
+
+
+# --- placement -----------------------------------------------------------------------------------
+
+
+def _two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = [devices.GpuInfo(0, "test GPU", 8 << 30), devices.GpuInfo(1, "test GPU", 8 << 30)]
+    monkeypatch.setattr(devices, "discover_gpus", lambda: gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_trials_share_the_gpus_and_the_cores(study_file: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _two_gpus(monkeypatch)
+    spec = load_study(str(study_file), {"backend": "ray", "gpus": "all", "trials_per_gpu": 2})
+    slots = devices.plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers, cpu_count=8)
+    placement = plan_placement(spec, {"CPU": 8.0, "GPU": 2.0}, slots)
+    assert placement.slots == 4
+    assert placement.resources == {"cpu": 2.0, "gpu": 0.5} and placement.threads == 2
+    # a cluster: its own GPUs decide, whatever this machine has
+    assert plan_placement(spec, {"CPU": 64.0, "GPU": 8.0}, None).slots == 16
+    cpu = load_study(str(study_file), {"backend": "ray", "gpus": "none", "workers": 3})
+    on_cpu = plan_placement(cpu, {"CPU": 6.0, "GPU": 8.0}, None)
+    assert (on_cpu.slots, on_cpu.resources, on_cpu.use_gpu) == (3, {"cpu": 2.0}, False)
+
+
+def test_a_local_runtime_is_planned_before_search_pins_its_process(
+        study_file: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    _two_gpus(monkeypatch)
+    backend = RayBackend()
+    spec = load_study(str(study_file), {"backend": "ray", "gpus": "1"})
+    backend.check(spec)  # run_search checks, then pins itself to GPU 1, then opens the study
+    monkeypatch.setattr(devices, "discover_gpus",
+                        lambda: [devices.GpuInfo(0, "test GPU", 8 << 30)])
+    (slot,) = backend.open(spec, store).slots  # type: ignore[misc]
+    assert (slot.gpu, slot.cuda_visible_devices) == (1, "1")
+
+
+@pytest.mark.slow
+def test_importing_hpo_does_not_import_ray() -> None:
+    code = "import sys, hpo, hpo.backends, hpo.search; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --- whole searches ------------------------------------------------------------------------------
+
+
+class Events(NullObserver):
+    def __init__(self) -> None:
+        self.finished: list[TrialOutcome] = []
+        self.epochs: list[tuple[int, int]] = []
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.epochs.append((number, epoch))
+
+    def trial_finished(self, outcome: TrialOutcome) -> None:
+        self.finished.append(outcome)
+
+
+def _stop_trial_0_after_epoch_1() -> Any:
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class StopFirst(FIFOScheduler):
+        """Stops the first trial it hears of after its first epoch, like a pruner would."""
+
+        first: str | None = None
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]
+                            ) -> str:
+            self.first = self.first or trial.trial_id
+            stop = trial.trial_id == self.first and result["epoch"] == 1
+            return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
+
+    return StopFirst()
+
+
+@pytest.mark.slow
+def test_a_trial_the_scheduler_stops_ends_pruned(study_file: Path, store: Store,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 ray_runtime: None) -> None:
+    monkeypatch.setattr(ray_backend, "make_scheduler", lambda spec: _stop_trial_0_after_epoch_1())
+    events = Events()
+    spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 3})
+    result = run_search(spec, store, events)
+    assert [(t.number, t.state, t.epochs) for t in result.trials] == [
+        (0, "PRUNED", 1), (1, "COMPLETE", 3)]
+    assert [(t.number, t.state) for t in events.finished] == [(0, "PRUNED"), (1, "COMPLETE")]
+    assert events.finished[0].test["test_f1"] == result.trials[0].test["test_f1"]
+    client = MlflowClient(store.tracking_uri)
+    pruned = client.get_run(result.trials[0].run_id)  # type: ignore[arg-type]
+    assert (pruned.info.status, pruned.data.tags["imgcls_hpo.state"]) == ("FINISHED", "PRUNED")
+    assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val_f1")] == [1]
+    assert pruned.data.metrics["best_val_f1"] == pytest.approx(result.trials[0].value)
+    assert pruned.data.tags["imgcls_hpo.device"] == "cpu"
+    assert pruned.data.tags["imgcls_hpo.worker"].startswith("ray/")
+
+
+class InterruptAt(NullObserver):
+    def __init__(self, trial: int) -> None:
+        self.trial = trial
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        if number == self.trial:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_without_counting_the_interrupted_trial(
+        study_file: Path, store: Store, ray_runtime: None) -> None:
+    spec = load_study(str(study_file), {"backend": "ray", "trials": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, store, InterruptAt(trial=1))
+    (study_run,) = _runs(store, "study")
+    assert study_run.info.status == "KILLED"
+
+    result = run_search(spec, store)
+    assert [(t.number, t.state, t.fail_reason) for t in result.trials] == [
+        (0, "COMPLETE", None), (1, "FAIL", "interrupted"), (2, "COMPLETE", None)]
+    (study_run,) = _runs(store, "study")
+    assert study_run.info.status == "FINISHED"
+    assert sorted(r.info.status for r in _runs(store, "trial")) == [
+        "FINISHED", "FINISHED", "KILLED"]
+    # and a timeout already passed starts nothing more
+    late = run_search(load_study(str(study_file), {"backend": "ray", "trials": 5,
+                                                   "timeout": 1e-6}), store)
+    assert len(late.trials) == 3
+
+
+DRIVER = """\
+import sys, time
+from pathlib import Path
+from hpo.backends import NullObserver
+from hpo.search import run_search
+from hpo.store import Store
+from hpo.study import load_study
+
+class SlowTrial1(NullObserver):  # trial 1 trains for seconds: long enough to be killed in
+    def epoch_finished(self, number, epoch, metrics):
+        if number == 1:
+            Path(sys.argv[4]).touch()
+            time.sleep(0.2)
+
+spec = load_study(sys.argv[1], {"backend": "ray", "trials": 2, "max_epochs": 40,
+                               "ray_address": sys.argv[3]})
+run_search(spec, Store.resolve(sys.argv[2]), SlowTrial1())
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_search_is_restored_and_its_lost_trial_retried(
+        study_file: Path, store: Store, tmp_path: Path, ray_runtime: None) -> None:
+    import ray
+
+    marker = tmp_path / "trial-1-training"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(study_file),
+         str(store.root), ray.get_runtime_context().gcs_address, str(marker)])
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "trial 1 never started training"
+        time.sleep(3)  # Tune saves its state every second
+    finally:
+        driver.kill()  # the search dies with trial 1 half-trained: no cleanup at all
+        driver.wait()
+    (lost,) = [r for r in _runs(store, "trial") if r.data.tags["imgcls_hpo.trial_number"] == "1"]
+    assert lost.data.tags["imgcls_hpo.state"] == "RUNNING"
+
+    spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 40})
+    result = run_search(spec, store)
+    assert [(t.number, t.state, t.fail_reason) for t in result.trials] == [
+        (0, "COMPLETE", None), (1, "FAIL", "worker lost"), (2, "COMPLETE", None)]
+    assert result.trials[2].params == result.trials[1].params  # Tune restored that trial
+    statuses = {r.data.tags["imgcls_hpo.trial_number"]: r.info.status
+                for r in _runs(store, "trial")}
+    assert statuses == {"0": "FINISHED", "1": "KILLED", "2": "FINISHED"}
