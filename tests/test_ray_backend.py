@@ -279,9 +279,9 @@ class SlowTrial1(NullObserver):  # trial 1 trains for seconds: long enough to be
     def epoch_finished(self, number, epoch, metrics):
         if number == 1:
             Path(sys.argv[4]).touch()
-            time.sleep(0.2)
+            time.sleep(0.5)
 
-spec = load_study(sys.argv[1], {"backend": "ray", "trials": 2, "max_epochs": 40,
+spec = load_study(sys.argv[1], {"backend": "ray", "trials": 2, "max_epochs": 12,
                                "ray_address": sys.argv[3]})
 run_search(spec, Store.resolve(sys.argv[2]), SlowTrial1())
 """
@@ -308,7 +308,7 @@ def test_a_killed_search_is_restored_and_its_lost_trial_retried(
     (lost,) = [r for r in _runs(store, "trial") if r.data.tags["imgcls_hpo.trial_number"] == "1"]
     assert lost.data.tags["imgcls_hpo.state"] == "RUNNING"
 
-    spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 40})
+    spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 12})
     result = run_search(spec, store)
     assert [(t.number, t.state, t.fail_reason) for t in result.trials] == [
         (0, "COMPLETE", None), (1, "FAIL", "worker lost"), (2, "COMPLETE", None)]

@@ -17,13 +17,15 @@ How a study maps onto Tune:
   out by the driver as trials start: 0.. in order, unique across resumes (a retried or
   restored trial gets a new number).
 
-Pruning, in detail: Tune stops a trial by calling its actor's `stop()`, which a function
-trainable never hears about before it is killed. So trials are a class Trainable (`RayTrial`)
-that runs `run_trial` in a thread and waits after each epoch's report for a verdict: go on,
-prune, or interrupted. When the scheduler stops a trial early, the driver first tells the
-actor to prune (`RayTrial.conclude`), and the trial ends PRUNED in MLflow, assessed like an
-Optuna-pruned one; a stop without that verdict (the search interrupted) ends it FAIL
-"interrupted", closed KILLED.
+Pruning, in detail: Tune stops a trial by calling its actor's `stop()`; a function trainable
+hears of it only as an exit raised inside its next report, and its actor is dropped without
+waiting for it to record anything. So trials are a class Trainable (`RayTrial`) that runs
+`run_trial` in a thread, and after each epoch's report waits for the driver's verdict: go on,
+prune, or interrupted. When the scheduler stops a trial early, the driver tells the actor to
+prune (`RayTrial.conclude`) before Tune stops it, and the trial ends PRUNED in MLflow, assessed
+like an Optuna-pruned one. An interrupted search (Ctrl-C, or an observer raising
+KeyboardInterrupt) ends its running trials at their next epoch's end: FAIL "interrupted", closed
+KILLED, not counted.
 
 One search at a time per study: the Tune experiment folder has one writer. Importing this module
 does not import Ray; the classes that derive from Ray's are built on first use (module
@@ -259,7 +261,7 @@ class _Driver:
         self.concluding: dict[Any, str] = {}  # outcome ref of a stopped trial -> its trial id
         self.started = 0  # trial attempts started by this search
         self.errors: list[str] = []  # trials that failed inside Ray itself
-        self.stop_error: ImgclsError | None = None  # a trial could not even start: stop
+        self.stop_error: Exception | None = None  # a trial could not run at all: stop
         self.interrupted = False
 
     # -- deciding -----------------------------------------------------------------------------
@@ -318,8 +320,8 @@ class _Driver:
             kind, message = info["error"]
             self.trial_lost(trial.trial_id, retried=False)
             if self.stop_error is None:
-                self.stop_error = (DataError if kind == "DataError" else ConfigError)(
-                    f"a Ray trial could not prepare the study: {message}")
+                error = {"data": DataError, "config": ConfigError}.get(kind, RuntimeError)
+                self.stop_error = error(f"a Ray trial could not run: {message}")
 
     def trial_lost(self, trial_id: str, retried: bool, error: BaseException | None = None
                    ) -> None:
@@ -380,6 +382,14 @@ class _Driver:
             event(*args)
         except KeyboardInterrupt:
             self.interrupted = True
+
+
+def _error_kind(exc: BaseException) -> str:
+    """How the driver re-raises a trial actor's error: "data" (DataError), "config" (any
+    other error a user can fix) or "bug"."""
+    if isinstance(exc, DataError):
+        return "data"
+    return "config" if isinstance(exc, ImgclsError) else "bug"
 
 
 def _info(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -502,8 +512,8 @@ def _build_tune_classes() -> dict[str, type]:
                 if self._ctx is None:
                     self._ctx = self._context()
                 ctx = self._ctx
-            except Exception as exc:
-                self._events.put(("error", type(exc).__name__, first_line(exc)))
+            except Exception as exc:  # a study-wide problem (data, tracking): not a trial's
+                self._events.put(("error", _error_kind(exc), first_line(exc)))
                 return
             metrics: dict[str, float] = {}
             max_epochs = self._setup.spec.max_epochs
@@ -529,6 +539,9 @@ def _build_tune_classes() -> dict[str, type]:
             except KeyboardInterrupt:
                 self._events.put(("interrupted",))
                 return
+            except BaseException as exc:  # run_trial returns failures: this is a bug; say it
+                self._events.put(("error", _error_kind(exc), first_line(exc)))
+                raise
             self._events.put(("outcome", asdict(outcome)))
 
         def _context(self) -> StudyContext:
@@ -605,6 +618,8 @@ def _build_tune_classes() -> dict[str, type]:
 
         def __init__(self, key: str, spec: StudySpec, seed: int, history: list[TrialOutcome],
                      enqueue: list[dict[str, Scalar]]) -> None:
+            import optuna
+
             from hpo.backends.optuna_samplers import SAMPLERS as OPTUNA_SAMPLERS
 
             self.key = key
@@ -612,8 +627,6 @@ def _build_tune_classes() -> dict[str, type]:
             space = (OptunaSearch.convert_search_space(to_ray(spec.space)) if searched
                      else _nothing_to_search)
             sampler = OPTUNA_SAMPLERS.get(spec.sampler)(seed, spec.trials, spec.space)
-            import optuna
-
             verbosity = optuna.logging.get_verbosity()
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # "a new study created..."
             try:
@@ -801,9 +814,9 @@ class RayStudy:
         self.close_runs(ctx, WORKER_LOST)  # trial runs left RUNNING by a search that died
         previous = self.trials()
         finished = sum(_counts(t) for t in previous)
+        if finished >= spec.trials:
+            return  # a Tune run left unfinished waits for a search that asks for more
         restorable = self.get_attr(TUNE_FINISHED) is False
-        if finished >= spec.trials and not restorable:
-            return
         deadline = time.monotonic() + spec.timeout if spec.timeout else None
         next_number = max((t.number for t in previous), default=-1) + 1
         driver = _Driver(self, ctx, observer, finished, next_number, deadline)
