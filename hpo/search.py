@@ -54,9 +54,11 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     observer = observer or NullObserver()
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
-    slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)  # bad --gpus: fail now
-    # One slot trains in this process; several train in worker processes, each pinned to its own.
-    device = apply_slot(slots[0]) if len(slots) == 1 else torch.device("cpu")
+    device = torch.device("cpu")  # where a trial trains if it trains in this process
+    if backend.name != "ray":  # Ray places its trials itself (check() planned them)
+        slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)  # bad --gpus: now
+        if len(slots) == 1:  # one slot trains here; several, in worker processes
+            device = apply_slot(slots[0])
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     store.create()  # after the data is known to be usable: bad input leaves nothing behind

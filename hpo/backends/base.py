@@ -74,8 +74,10 @@ BACKENDS: Registry[type[Backend]] = Registry("backend")
 
 
 def counts_as_finished(outcome: TrialOutcome) -> bool:
-    """A trial counts towards --trials once it ended, unless the user interrupted it: an
-    interrupted trial is work still to do, not a result."""
-    from hpo.objective import INTERRUPTED
+    """A trial counts towards --trials once it ended, unless the user interrupted it or its
+    worker died under it: such a trial is work still to do (a lost worker's parameters are
+    retried), not a result."""
+    from hpo.objective import INTERRUPTED, WORKER_LOST
 
-    return outcome.state in ("COMPLETE", "PRUNED", "FAIL") and outcome.fail_reason != INTERRUPTED
+    return (outcome.state in ("COMPLETE", "PRUNED", "FAIL")
+            and outcome.fail_reason not in (INTERRUPTED, WORKER_LOST))

@@ -234,11 +234,6 @@ def plan_placement(spec: StudySpec, cluster: Mapping[str, float], slots: list[Sl
 # --- the driver's side of a running search ---------------------------------------------------
 
 
-def _counts(outcome: TrialOutcome) -> bool:
-    """Counts towards --trials: finished, and not lost with its worker (retried instead)."""
-    return counts_as_finished(outcome) and outcome.fail_reason != WORKER_LOST
-
-
 class _Driver:
     """State of one running search, in the driver process: trial numbers, the observer's
     events, outcomes still to collect, and whether to start another trial. Tune's callback,
@@ -342,7 +337,7 @@ class _Driver:
         self.ended.add(trial_id)
         if outcome is None or outcome.fail_reason == INTERRUPTED:
             return
-        if _counts(outcome):
+        if counts_as_finished(outcome):
             self.finished += 1
         self._tell(self.observer.trial_finished, outcome)
 
@@ -813,7 +808,7 @@ class RayStudy:
         spec = self.spec
         self.close_runs(ctx, WORKER_LOST)  # trial runs left RUNNING by a search that died
         previous = self.trials()
-        finished = sum(_counts(t) for t in previous)
+        finished = sum(counts_as_finished(t) for t in previous)
         if finished >= spec.trials:
             return  # a Tune run left unfinished waits for a search that asks for more
         restorable = self.get_attr(TUNE_FINISHED) is False
