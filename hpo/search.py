@@ -55,7 +55,7 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
     device = torch.device("cpu")  # where a trial trains if it trains in this process
-    if backend.name != "ray":  # Ray places its trials itself (check() planned them)
+    if not backend.places_trials:
         slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)  # bad --gpus: now
         if len(slots) == 1:  # one slot trains here; several, in worker processes
             device = apply_slot(slots[0])

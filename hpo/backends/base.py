@@ -61,6 +61,9 @@ class BackendStudy(Protocol):
 
 class Backend(Protocol):
     name: str
+    # True: the backend places its trials on devices itself (a Ray cluster); False: the search
+    # plans the slots (hpo.devices) and a single slot trains in the search process.
+    places_trials: bool
 
     def check(self, spec: StudySpec) -> None:
         """Raise ConfigError for a setting this backend cannot honour (e.g. an unknown pruner),

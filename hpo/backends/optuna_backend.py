@@ -85,6 +85,7 @@ class OptunaStudy:
 @BACKENDS.register("optuna")
 class OptunaBackend:
     name = "optuna"
+    places_trials = False
 
     def check(self, spec: StudySpec) -> None:
         check_space(spec.sampler, spec.space, spec.enqueue, len(spec.terms))

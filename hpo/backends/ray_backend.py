@@ -699,6 +699,7 @@ def __getattr__(name: str) -> Any:
 @BACKENDS.register("ray")
 class RayBackend:
     name = "ray"
+    places_trials = True
 
     def __init__(self) -> None:
         self._slots: tuple[str, list[Slot]] | None = None  # (gpus setting, its plan)
