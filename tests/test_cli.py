@@ -1,5 +1,6 @@
 """The command line: its exit codes, its one-line errors, and its output."""
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -224,3 +225,12 @@ def test_unusable_images_are_named_with_the_way_out(study_file: Path,
     Image.new("RGB", (4, 4)).save(image_folder / "bees" / "thumb.png")
     _bad_input(["search", str(study_file)], "bees/thumb.png (placeholder")
     _bad_input(["search", str(study_file)], "Pass --skip-bad-images to leave them out")
+
+
+def test_a_redis_storage_without_its_client_says_what_to_install(study_file: Path,
+                                                                  tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    if importlib.util.find_spec("redis") is not None:
+        pytest.skip("the redis client is installed here")
+    _bad_input(["search", str(study_file), "--store", str(tmp_path / "s"),
+                "--storage", "redis://localhost:6379"], "needs the redis package")

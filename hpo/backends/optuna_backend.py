@@ -36,11 +36,25 @@ HEARTBEAT_GRACE_S = 600
 
 def make_storage(store: Store) -> optuna.storages.BaseStorage:
     """The journal file under the store; or --storage: a database URL (sqlite:///...,
-    postgresql://...), or a path, taken as a journal file (works on shared file systems)."""
+    postgresql://...), a Redis URL (redis://..., Optuna's journal kept in Redis), or a path,
+    taken as a journal file (works on shared file systems)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     target = store.optuna_storage
+    if target and target.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from optuna.storages.journal import JournalRedisBackend
+
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.1
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.JournalStorage(JournalRedisBackend(target))
+        except ImportError:
+            raise StudyError(f"--storage {target} needs the redis package: pip install redis"
+                             ) from None
+        except Exception as exc:
+            raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
+                             ) from None
     if target and "://" in target:
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
