@@ -229,7 +229,6 @@ def test_unusable_images_are_named_with_the_way_out(study_file: Path,
 
 def test_a_redis_storage_without_its_client_says_what_to_install(study_file: Path,
                                                                   tmp_path: Path) -> None:
-    pytest.importorskip("optuna")
     if importlib.util.find_spec("redis") is not None:
         pytest.skip("the redis client is installed here")
     _bad_input(["search", str(study_file), "--store", str(tmp_path / "s"),
