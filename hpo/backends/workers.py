@@ -252,6 +252,7 @@ class TrialLoop:
         self.trial: optuna.Trial | None = None  # the trial being run, told if interrupted
 
     def run(self) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         while True:
@@ -262,18 +263,20 @@ class TrialLoop:
                 assert self.trial is not None
                 self._run(self.trial)
             except KeyboardInterrupt:
-                if self.trial is not None:
-                    self.trial.set_user_attr("fail_reason", INTERRUPTED)
-                    self.study.tell(self.trial, state=TrialState.FAIL)
+                # (already told when the interrupt came just after the tell)
+                with suppress(UpdateFinishedTrialError):
+                    if self.trial is not None:
+                        self.trial.set_user_attr("fail_reason", INTERRUPTED)
+                        self.study.tell(self.trial, state=TrialState.FAIL)
                 raise
 
     def _ask(self) -> bool:
         """Start a trial if the study still needs one; under the lock, so that the counts
         cannot change between the check and the ask."""
+        if self._stopping():
+            return False
         with study_lock(self.lock):
             recover_lost_trials(self.study, self.ctx)
-            if self._stopping():
-                return False
             trials = self.study.get_trials(deepcopy=False)
             finished = sum(counts_towards_target(outcome_of(t)) for t in trials)
             running = sum(t.state.name == "RUNNING" for t in trials)
@@ -288,10 +291,8 @@ class TrialLoop:
         return True
 
     def _stopping(self) -> bool:
-        if self.deadline is not None and time.time() >= self.deadline:
-            return True
-        parent = multiprocessing.parent_process()  # a worker whose search process died stops
-        return parent is not None and not parent.is_alive()
+        past_deadline = self.deadline is not None and time.time() >= self.deadline
+        return past_deadline or _orphaned()
 
     def _run(self, trial: optuna.Trial) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -351,7 +352,9 @@ class WorkerJob:
 
 
 class QueueObserver:
-    """A worker's observer: every event goes to the search process."""
+    """A worker's observer: every event goes to the search process. Should that process be
+    gone (killed without the chance to stop its workers), the worker stops its trial at the
+    end of the epoch as Ctrl-C would, rather than train on for nobody."""
 
     def __init__(self, events: Queue[tuple[Any, ...]]) -> None:
         self.events = events
@@ -360,6 +363,8 @@ class QueueObserver:
         self.events.put(("trial_started", number, dict(params)))
 
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        if _orphaned():
+            raise KeyboardInterrupt
         self.events.put(("epoch_finished", number, epoch, dict(metrics)))
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
@@ -390,9 +395,14 @@ def worker_main(job: WorkerJob, events: Queue[tuple[Any, ...]]) -> None:
         events.put(("crashed", job.slot.label, failure_reason(exc, None)))
         raise SystemExit(1) from None
     finally:
-        parent = multiprocessing.parent_process()
-        if parent is not None and not parent.is_alive():
+        if _orphaned():
             events.cancel_join_thread()  # nobody reads the queue: do not wait to flush it
+
+
+def _orphaned() -> bool:
+    """Whether this is a worker process whose search process has died."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 def _interrupt_once(signum: int, frame: FrameType | None) -> None:
