@@ -23,7 +23,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.backends import workers
+from hpo.backends import counts_as_finished, workers
 from hpo.backends.optuna_backend import OptunaBackend, OptunaStudy, make_storage
 from hpo.objective import StudyContext, TrialOutcome
 from hpo.search import run_search
@@ -394,7 +394,7 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
     (retry,) = [t for t in retries if t.user_attrs["retry_of"] == victim.number]
     assert retry.params == victim.params and retry.state == TrialState.COMPLETE
     # exactly 3 finished, none running, each lost trial retried once
-    assert sum(workers.counts_towards_target(t) for t in result.trials) == 3
+    assert sum(counts_as_finished(t) for t in result.trials) == 3
     assert all(t.state != "RUNNING" for t in result.trials)
     assert [t.number for t in result.trials if t.fail_reason == "worker lost"] == [
         victim.number]

@@ -88,12 +88,6 @@ def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
     )
 
 
-def counts_towards_target(outcome: TrialOutcome) -> bool:
-    """counts_as_finished, with a lost worker's trial as work still to do (like an interrupted
-    one): its parameters are retried."""
-    return counts_as_finished(outcome) and outcome.fail_reason != WORKER_LOST
-
-
 def placement_tags(slot: Slot) -> dict[str, str]:
     """Where a slot's trials train, as trial-run tags: the device by the search process's GPU
     index ("cuda:1"; inside the worker it is "cuda:0"), and the slot's label."""
@@ -278,7 +272,7 @@ class TrialLoop:
         with study_lock(self.lock):
             recover_lost_trials(self.study, self.ctx)
             trials = self.study.get_trials(deepcopy=False)
-            finished = sum(counts_towards_target(outcome_of(t)) for t in trials)
+            finished = sum(counts_as_finished(outcome_of(t)) for t in trials)
             running = sum(t.state.name == "RUNNING" for t in trials)
             if finished + running >= self.target:
                 return False
@@ -501,7 +495,7 @@ def optimize(study: optuna.Study, store: Store, ctx: StudyContext, observer: Sea
     problems = run_workers(jobs, observer)
     with study_lock(lock):  # a worker that died last left its trial RUNNING
         recover_lost_trials(study, ctx)
-    finished = sum(counts_towards_target(outcome_of(t)) for t in study.get_trials(deepcopy=False))
+    finished = sum(counts_as_finished(outcome_of(t)) for t in study.get_trials(deepcopy=False))
     timed_out = deadline is not None and time.time() >= deadline
     for line in problems:
         log.warning("%s", line)
