@@ -5,6 +5,7 @@ real Optuna journal; the slow ones train for real, in worker processes, and kill
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -173,6 +174,28 @@ def test_enqueued_configurations_run_first_and_once_per_study(
     assert fake_trials[2]["params"]["lr"] not in (0.05, 0.02)  # sampled, not enqueued again
     fixed = [t.system_attrs.get("fixed_params") for t in resumed.study.trials]
     assert sum(f is not None for f in fixed) == 2
+
+
+def test_ctrl_c_as_a_trial_opens_its_run_leaves_the_run_killed(
+        study_file: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted_while_opening(ctx: StudyContext, number: int, *args: Any) -> TrialOutcome:
+        assert ctx.tracker is not None
+        ctx.tracker.start_trial(ctx.experiment_id, ctx.study_run_id, "tiny", number, {})
+        raise KeyboardInterrupt  # before run_trial held the run, so it could not close it
+
+    monkeypatch.setattr(workers, "run_trial", interrupted_while_opening)
+    study, ctx = _open(study_file, store, trials=2)
+    tracker = Tracker(store.tracking_uri, store.artifact_root)
+    experiment = tracker.experiment("tiny")
+    parent, _ = tracker.open_study_run(experiment, "tiny", None, {})
+    ctx = dataclasses.replace(ctx, tracker=tracker, experiment_id=experiment,
+                              study_run_id=parent)
+    with pytest.raises(KeyboardInterrupt):
+        _optimize(study, ctx)
+    assert [(t.state, t.fail_reason) for t in study.trials()] == [("FAIL", "interrupted")]
+    (run,) = _trial_runs(store)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["imgcls_hpo.fail_reason"] == "interrupted"
 
 
 def test_a_pareto_study_is_told_every_objective(study_file: Path, store: Store,

@@ -257,12 +257,23 @@ class TrialLoop:
                 assert self.trial is not None
                 self._run(self.trial)
             except KeyboardInterrupt:
-                # (already told when the interrupt came just after the tell)
-                with suppress(UpdateFinishedTrialError):
-                    if self.trial is not None:
+                if self.trial is not None:
+                    # (already told when the interrupt came just after the tell)
+                    with suppress(UpdateFinishedTrialError):
                         self.trial.set_user_attr("fail_reason", INTERRUPTED)
                         self.study.tell(self.trial, state=TrialState.FAIL)
+                    self._close_runs(self.trial.number)
                 raise
+
+    def _close_runs(self, number: int) -> None:
+        """Close KILLED a run that run_trial could not: one the interrupt caught while it was
+        being opened, before run_trial held it."""
+        try:
+            for run_id in _running_trial_runs(self.ctx, number):
+                TrialRun(self.ctx.tracker, run_id).finish(  # type: ignore[arg-type]
+                    "FAIL", INTERRUPTED, "KILLED")
+        except Exception as exc:  # the trial's own state is told; tracking is best effort here
+            log.warning("could not close trial %d's MLflow run: %s", number, exc)
 
     def _ask(self) -> bool:
         """Start a trial if the study still needs one; under the lock, so that the counts
