@@ -323,6 +323,20 @@ def test_two_workers_finish_exactly_the_trials_and_report_to_the_observer(
         assert run.data.tags["imgcls_hpo.device"] == "cpu"
 
 
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_says_why(study_file: Path, store: Store,
+                                              image_folder: Path) -> None:
+    from hpo.devices import plan_slots
+    from hpo.study import load_study
+
+    spec = load_study(str(study_file), {"gpus": "none"})
+    image_folder.rename(image_folder.with_name("moved"))  # gone once the worker looks
+    (slot,) = plan_slots("none", 1, 1)
+    job = workers.WorkerJob(spec, store, slot, 1, "", "", 0, None)
+    problems = workers.run_workers([job], Recorder())
+    assert problems == [f"worker cpu/worker0 stopped: data folder not found: {image_folder}"]
+
+
 SEARCH_SCRIPT = """\
 import sys
 

@@ -396,7 +396,8 @@ def worker_main(job: WorkerJob, events: Queue[tuple[Any, ...]]) -> None:
     except KeyboardInterrupt:
         pass  # the running trial was told "interrupted"; the search process knows why
     except Exception as exc:
-        traceback.print_exc()
+        if not isinstance(exc, ImgclsError):  # unexpected: the traceback is for a bug report
+            traceback.print_exc()
         events.put(("crashed", job.slot.label, failure_reason(exc, None)))
         raise SystemExit(1) from None
     finally:
