@@ -40,7 +40,7 @@ def test_unknown_study() -> None:
     (["--dropout", "0..2"], "dropout: Input should be less than 1"),
     (["--param", "optimizer"], "expected NAME=SPEC"),
     (["--param", "colour=red"], "unknown hyperparameter 'colour'"),
-    (["--sampler", "grid"], "unknown sampler 'grid' (known:"),
+    (["--sampler", "annealing"], "unknown sampler 'annealing' (known:"),
 ])
 def test_malformed_or_impossible_search_space(flags: list[str], message: str) -> None:
     _bad_input(["search", "digits", *flags], message)
