@@ -165,3 +165,20 @@ def test_the_digits_study_runs_end_to_end(store: Store) -> None:
     assert result.best.value > 0.25  # one epoch on digits is well above chance (0.1)
     assert set(result.best.test) >= {"test_f1", "test_f1_ci_low", "test_f1_ci_high"}
     assert "test_sens" not in result.best.test  # ten classes: no binary-only metric
+
+
+def test_a_pareto_search_tags_the_trials_no_other_trial_beats(study_file: Path,
+                                                               store: Store) -> None:
+    spec = load_study(str(study_file), {"trials": 3, "objective": ["val_f1", "params_count:min"],
+                                        "sampler": "nsga2", "space.dropout": "0.0,0.3"})
+    result = run_search(spec, store)
+    assert all(t.values is not None and len(t.values) == 2 for t in result.trials)
+    # one architecture: every trial costs the same, so the front is the best val_f1 (ties kept)
+    best = max(t.values[0] for t in result.trials)  # type: ignore[index]
+    expected = {str(t.number) for t in result.trials if t.values[0] == best}  # type: ignore[index]
+    tags = {r.data.tags["imgcls_hpo.trial_number"]: r.data.tags["imgcls_hpo.pareto"]
+            for r in _runs(store, "tiny", "trial")}
+    assert {n for n, pareto in tags.items() if pareto == "true"} == expected
+    assert set(tags) == {"0", "1", "2"}
+    (study_run,) = _runs(store, "tiny", "study")
+    assert study_run.data.tags["imgcls_hpo.pareto_trials"] == ",".join(sorted(expected))

@@ -105,3 +105,16 @@ def test_validation_split_cannot_be_empty(study_file: Path) -> None:
 def test_unknown_backend_lists_the_known_ones(study_file: Path) -> None:
     with pytest.raises(StudyError, match=r"unknown backend 'optuner'; did you mean 'optuna'"):
         load_study(str(study_file), {"backend": "optuner"})
+
+
+def test_the_pareto_front_keeps_the_trials_nothing_dominates(study_file: Path) -> None:
+    from hpo.objective import TrialOutcome
+    from hpo.search import pareto_front
+
+    spec = load_study(str(study_file), {"objective": ["val_f1:max", "flops:min"]})
+    assert spec.terms == [("val_f1", "max"), ("flops", "min")]
+    points = {0: [0.90, 5e9], 1: [0.80, 1e9], 2: [0.85, 6e9], 3: [0.90, 5e9], 4: [0.70, 2e9]}
+    trials = [TrialOutcome(n, {}, "COMPLETE", value=v[0], values=v) for n, v in points.items()]
+    trials.append(TrialOutcome(5, {}, "PRUNED", value=0.99, values=[0.99, 1.0]))  # not complete
+    # 2 is beaten by 0 on both; 4 by 1 on both; 0 and 3 tie (both kept); 1 is the cheapest
+    assert [t.number for t in pareto_front(trials, spec)] == [0, 1, 3]
