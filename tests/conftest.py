@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,14 @@ def study_file(tmp_path: Path, image_folder: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_STUDY.format(data=image_folder, trials=2))
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[None]:
+    """One local Ray runtime per test module (starting one takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
+    yield
+    ray.shutdown()

@@ -4,8 +4,6 @@ to a larger total. Ray's searches share one Ray runtime for the module."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +20,6 @@ from hpo.tracking import fluent_tracking_uri
 pytestmark = pytest.mark.slow
 
 BACKENDS = ["optuna", "ray"]
-
-
-@pytest.fixture(scope="module")
-def ray_runtime() -> Iterator[None]:
-    """One local Ray runtime for the module's Ray searches (starting one takes seconds)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -3,11 +3,10 @@ with one Ray runtime for the module) pruning by a scheduler, interruption and re
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,6 @@ SPACE = SearchSpace((
     Choice("arch", ("simplecnn", "resnet18")),
     Choice("nesterov", (True, False)),
 ))
-
-
-@pytest.fixture(scope="module")
-def ray_runtime() -> Iterator[None]:
-    """One local Ray runtime for the module's searches (starting one takes seconds)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
-    yield
-    ray.shutdown()
 
 
 def _runs(store: Store, role: str) -> list[Any]:
