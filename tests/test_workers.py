@@ -373,19 +373,25 @@ def _wait_for_a_trained_epoch(store: Store, proc: subprocess.Popen) -> optuna.tr
     raise AssertionError("no trial trained an epoch in 90 s")
 
 
+def _group_pids(group: int) -> list[int]:
+    """The live processes of process group `group` (zombies, dead but not reaped by their new
+    parent, do not count)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(pgrp) == group and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def _wait_until_ended(group: int) -> None:
-    """Wait until no process of process group `group` runs (zombies, dead but not reaped by
-    their new parent, do not count)."""
+    """Wait until no process of process group `group` runs."""
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        running = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            except (OSError, IndexError):
-                continue
-            if int(pgrp) == group and state != "Z":
-                running.append(stat.parent.name)
+        running = _group_pids(group)
         if not running:
             return
         time.sleep(0.2)
@@ -400,9 +406,18 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
     proc = _search_in_background(tmp_path, study_file, store)
     try:
         victim = _wait_for_a_trained_epoch(store, proc)
+        # Freeze the rest of the search first, so that the sibling worker cannot find the lost
+        # trial (as it would at its next trial) before the search is killed too: the kill must
+        # leave the lost trial for the next `search` to find.
+        others = [p for p in _group_pids(proc.pid) if p not in (proc.pid, victim.user_attrs["pid"])]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
         os.kill(victim.user_attrs["pid"], signal.SIGKILL)
         os.kill(proc.pid, signal.SIGKILL)  # the search process too: the other worker is orphaned
         proc.wait()
+        for pid in others:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         _wait_until_ended(proc.pid)  # ... and stops by itself
     finally:
         with suppress(ProcessLookupError):
