@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hpo.backends import NullObserver
 from hpo.store import Store
 
 PATTERNS = ("rows", "columns", "diagonals")
@@ -116,3 +117,14 @@ def ray_runtime() -> Iterator[None]:
              logging_level=logging.ERROR)
     yield
     ray.shutdown()
+
+
+class InterruptAt(NullObserver):
+    """An observer that presses Ctrl-C in trial `trial`'s first epoch."""
+
+    def __init__(self, trial: int) -> None:
+        self.trial = trial
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        if number == self.trial:
+            raise KeyboardInterrupt

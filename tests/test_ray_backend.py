@@ -30,6 +30,7 @@ from hpo.space import Choice, FloatRange, IntRange, SearchSpace
 from hpo.store import Store
 from hpo.study import StudyError, load_study
 from imgcls.errors import ConfigError
+from tests.conftest import InterruptAt
 
 SPACE = SearchSpace((
     FloatRange("lr", 1e-4, 1e-1, log=True),
@@ -222,15 +223,6 @@ def test_a_trial_the_scheduler_stops_ends_pruned(study_file: Path, store: Store,
     assert pruned.data.metrics["best_val_f1"] == pytest.approx(result.trials[0].value)
     assert pruned.data.tags["imgcls_hpo.device"] == "cpu"
     assert pruned.data.tags["imgcls_hpo.worker"].startswith("ray/")
-
-
-class InterruptAt(NullObserver):
-    def __init__(self, trial: int) -> None:
-        self.trial = trial
-
-    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
-        if number == self.trial:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.slow

@@ -1,18 +1,16 @@
 """Whole searches with real Optuna storage and a real MLflow store."""
 
 import csv
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from hpo.backends import NullObserver
 from hpo.search import run_search
 from hpo.store import Store
 from hpo.study import StudyError, load_study
 from imgcls.errors import ConfigError, DataError
-from tests.conftest import make_image_folder
+from tests.conftest import InterruptAt, make_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +58,6 @@ def test_a_failing_trial_does_not_stop_the_study(study_file: Path, store: Store)
     failed = [r for r in _runs(store, "tiny", "trial") if r.data.tags["imgcls_hpo.state"] == "FAIL"]
     assert {r.data.tags["imgcls_hpo.fail_reason"] for r in failed} == {"diverged at epoch 1"}
     assert result.best is not None and result.best.params["lr"] == 0.05
-
-
-class InterruptAt(NullObserver):
-    def __init__(self, trial: int) -> None:
-        self.trial = trial
-
-    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
-        if number == self.trial:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_search_resumes_without_losing_or_counting_the_interrupted_trial(
