@@ -109,6 +109,10 @@ def search(
     backend: str | None = typer.Option(None, "--backend", help="optuna or ray."),
     ray_address: str | None = typer.Option(None, "--ray-address",
                                            help="Join this Ray cluster (backend ray)."),
+    compile_model: bool = typer.Option(
+        False, "--compile",
+        help="torch.compile each trial's model: seconds of compilation per trial, paid back "
+             "with small batches and ViTs."),
     lr: str | None = _spec_option("--lr", "Learning rate"),
     momentum: str | None = _spec_option("--momentum", "SGD momentum / Adam beta1"),
     batch_size: str | None = _spec_option("--batch-size", "Batch size"),
@@ -145,6 +149,8 @@ def search(
     }
     if skip_bad_images:
         overrides["data.skip_bad_images"] = True
+    if compile_model:
+        overrides["compile"] = True
     for item in settings or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or key.strip().startswith("space."):

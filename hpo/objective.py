@@ -37,7 +37,16 @@ from imgcls.report import (
     plot_roc,
     write_predictions,
 )
-from imgcls.train import Diverged, FitResult, TrainConfig, evaluate, fit, seed_everything
+from imgcls.train import (
+    Acceleration,
+    Diverged,
+    FitResult,
+    TrainConfig,
+    evaluate,
+    fit,
+    fits_on_device,
+    seed_everything,
+)
 
 TrialState = Literal["COMPLETE", "PRUNED", "FAIL"]
 ShouldPrune = Callable[[int, float], bool]  # (epoch, objective value) -> stop this trial now?
@@ -78,15 +87,29 @@ class StudyContext:
     experiment_id: str = ""
     study_run_id: str = ""
 
+    def acceleration(self) -> Acceleration:
+        """How trials train on this context's device (configures CUDA once it is asked)."""
+        return Acceleration.for_device(self.device, compile=self.spec.compile,
+                                       mixed_precision=self.spec.mixed_precision)
+
+    def images_on_device(self) -> bool:
+        """Whether the images fit this trial's share of its device's memory; else they are
+        prefetched from host memory batch by batch."""
+        share = self.spec.device_cache / self.spec.trials_per_gpu
+        return fits_on_device(self.data.images.nbytes, self.device, share)
+
     def trial_settings(self, number: int) -> dict[str, Any]:
         """The fixed settings a trial logs beside its hyperparameters."""
         spec, data = self.spec, self.data.config
+        accel = self.acceleration()
         return {
             "objective": spec.objective, "max_epochs": spec.max_epochs,
             "patience": spec.patience, "seed": trial_seed(spec.seed, number),
             "image_size": data.image_size, "channels": data.channels,
             "normalize": data.normalize, "num_classes": self.data.num_classes,
-            "device": str(self.device),
+            "device": str(self.device), "precision": accel.precision,
+            "channels_last": accel.channels_last, "compile": accel.compile,
+            "images_on_device": self.images_on_device(),
         }
 
 
@@ -187,12 +210,13 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
     profile = profile_model(model, hp.arch, data.in_channels, data.config.image_size)
     cost = {"params_count": float(profile.params), "flops": float(profile.flops),
             "macs": float(profile.macs)}
-    model = model.to(ctx.device)
     if run is not None:
         run.log_metrics(cost)
+    accel, resident = ctx.acceleration(), ctx.images_on_device()
     train = data.batches("train", hp.batch_size, augment=hp.augment(), seed=seed,
-                         device=ctx.device)
-    val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device)
+                         device=ctx.device, resident=resident)
+    val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device,
+                       resident=resident)
     config = TrainConfig(
         optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
         scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
@@ -215,10 +239,12 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
             return f"pruned at epoch {epoch}"
         return None
 
+    accel.reset_peak_memory()
     started = time.perf_counter()
-    result = fit(model, train, val, config, data.num_classes, on_epoch_end)
+    result = fit(model, train, val, config, data.num_classes, on_epoch_end, accel=accel)
     if run is not None:
-        run.log_metrics({"train_seconds": time.perf_counter() - started})
+        run.log_metrics({"train_seconds": time.perf_counter() - started,
+                         "peak_memory_mb": accel.peak_memory_mb()})
     return result, model, pruned, cost
 
 

@@ -137,6 +137,15 @@ class StudySpec(BaseModel):
     backend: str = "optuna"  # a name in hpo.backends.BACKENDS
     # Where pretrained weights files are looked for first (then torch hub's cache, $TORCH_HOME)
     weights_dir: str | None = None
+    # Speed on CUDA (the CPU trains in float32 whatever these say, except compile)
+    compile: bool = False  # torch.compile each trial's model: seconds of compilation per trial,
+    # paid back with small batches and ViTs
+    mixed_precision: bool = True  # bf16 autocast (fp16 with loss scaling without bf16); False:
+    # float32 with TF32 matmuls
+    # Share of a GPU's memory the study's uint8 images may take on it (divided among the trials
+    # sharing the GPU). Within it they move to the GPU once per trial; beyond it batches are
+    # gathered in pinned host memory while the previous step computes. 0: always the latter.
+    device_cache: float = Field(0.25, ge=0, le=0.9)
     space: SearchSpace = Field(default_factory=SearchSpace)
 
     @model_validator(mode="before")

@@ -125,10 +125,13 @@ class PreparedData:
         return int(self.images.shape[1])
 
     def batches(self, split: str, batch_size: int, *, augment: Augment | None = None,
-                seed: int = 0, device: torch.device | str = "cpu") -> Batches:
+                seed: int = 0, device: torch.device | str = "cpu",
+                resident: bool = True) -> Batches:
+        """Batches of one split on `device`; `resident`: see Batches."""
         index = torch.from_numpy(self.split.indices(split))
         return Batches(self.images[index], self.labels[index], batch_size, train=split == "train",
-                       mean=self.mean, std=self.std, augment=augment, seed=seed, device=device)
+                       mean=self.mean, std=self.std, augment=augment, seed=seed, device=device,
+                       resident=resident)
 
 
 def prepare_data(config: DataConfig, seed: int, cache_dir: Path | None = None,
@@ -158,7 +161,9 @@ def prepare_data(config: DataConfig, seed: int, cache_dir: Path | None = None,
         catalog, array, skipped = catalog.subset(keep), array[keep], tuple(notes)
     split = make_split(catalog, config.split, config.val_fraction, config.test_fraction, seed,
                        config.group_pattern)
-    images = torch.from_numpy(np.array(array))  # one copy from the memory map into RAM
+    # Mapped copy-on-write from the cache: the trial processes of a study share its pages in the
+    # OS's page cache, and each split that a trial copies out is all it holds privately.
+    images = torch.from_numpy(array)
     labels = torch.from_numpy(catalog.labels)
     if config.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD

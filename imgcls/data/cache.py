@@ -122,7 +122,7 @@ def cache_key(catalog: Catalog, image_size: int, channels: int, min_side: int | 
 class Decoded:
     """The decoded images of a catalog, and which of them are not usable."""
 
-    images: np.ndarray  # uint8 (N, C, S, S), memory-mapped from the cache; zeros where bad
+    images: np.ndarray  # uint8 (N, C, S, S), mapped copy-on-write from the cache; zeros where bad
     bad: dict[int, str]  # catalog index -> why: the decoder's error, or "placeholder: ..."
 
     def notes(self, catalog: Catalog) -> list[str]:
@@ -183,7 +183,7 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
         del out
         _write_sidecar(path, catalog, bad)
         os.replace(tmp, path)  # atomic: a reader sees the old cache or the whole new one
-        return Decoded(np.load(path, mmap_mode="r"), bad)
+        return Decoded(np.load(path, mmap_mode="c"), bad)
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
@@ -213,7 +213,7 @@ def _read_cache(path: Path, catalog: Catalog, shape: tuple[int, ...]) -> Decoded
         return None
     try:
         meta = json.loads(_sidecar(path).read_text())
-        images = np.load(path, mmap_mode="r")
+        images = np.load(path, mmap_mode="c")
         index = {item: i for i, item in enumerate(catalog.ids)}
         bad = {index[item]: str(reason) for item, reason in meta["bad"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

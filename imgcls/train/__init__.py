@@ -1,5 +1,7 @@
-"""Training: optimizers, learning-rate schedules, losses, early stopping, and the epoch loop."""
+"""Training: optimizers, learning-rate schedules, losses, early stopping, the epoch loop, and
+how it runs fast on its device."""
 
+from imgcls.train.accel import Acceleration, configure_cuda, fits_on_device
 from imgcls.train.callbacks import Decision, EarlyStopping
 from imgcls.train.engine import (
     Diverged,
@@ -23,9 +25,9 @@ from imgcls.train.schedules import (
 )
 
 __all__ = [
-    "OPTIMIZERS", "SCHEDULERS", "Decision", "Diverged", "EarlyStopping", "EpochCallback",
-    "Evaluation", "FitResult", "Schedule", "SchedulePlan", "TrainConfig", "build_loss",
-    "build_optimizer", "build_scheduler", "class_weights", "evaluate", "fit", "l2_penalty",
-    "lr_multiplier", "penalized_weights", "seed_everything",
-    "train_one_epoch", "trainable_parameters",
+    "OPTIMIZERS", "SCHEDULERS", "Acceleration", "Decision", "Diverged", "EarlyStopping",
+    "EpochCallback", "Evaluation", "FitResult", "Schedule", "SchedulePlan", "TrainConfig",
+    "build_loss", "build_optimizer", "build_scheduler", "class_weights", "configure_cuda",
+    "evaluate", "fit", "fits_on_device", "l2_penalty", "lr_multiplier", "penalized_weights",
+    "seed_everything", "train_one_epoch", "trainable_parameters",
 ]
