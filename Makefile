@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -24,8 +24,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# Benchmarks 1-3 (pipeline, study overhead, pruning), each printing its ratios against the
+# targets; about 15 minutes on two cores. The pipeline runs on real photos where they are
+# (BENCH_DATA), else on JPEGs it generates. benchmarks/concurrency.py needs a GPU: run it there.
+BENCH_DATA ?= ../shared/datasets/hymenoptera
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline.py $(if $(wildcard $(BENCH_DATA)),--data $(BENCH_DATA))
+	$(BIN)/python benchmarks/study.py
+	$(BIN)/python benchmarks/pruning.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check imgcls hpo tests
+	$(BIN)/ruff check imgcls hpo tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -97,7 +97,7 @@ class Augment:
         n, _, height, width = x.shape
 
         def draw(*shape: int) -> torch.Tensor:  # float32 uniform in [0, 1), on x's device
-            return torch.rand(shape, generator=generator).to(x.device)
+            return to_device(torch.rand(shape, generator=generator), x.device)
 
         if self.hflip > 0:
             x = torch.where((draw(n) < self.hflip).view(-1, 1, 1, 1), x.flip(-1), x)
@@ -127,6 +127,17 @@ class Augment:
         if self.crop_scale < 1:
             size, centre = crop_boxes(n, self.crop_scale, height, width, generator)
         return angle, size, centre
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`, without making the host wait for the GPU.
+
+    A plain copy from pageable memory synchronises the stream, so the host would stop queuing
+    work each batch until the previous step finished; from pinned memory the copy is queued.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _factors(u: torch.Tensor, jitter: float) -> torch.Tensor:
@@ -185,9 +196,9 @@ def warp(x: torch.Tensor, angle: torch.Tensor, size: torch.Tensor, centre: torch
     rotate = torch.stack([torch.stack([cos, -sin / aspect], -1),
                           torch.stack([sin * aspect, cos], -1)], -2)  # (N, 2, 2)
     theta = torch.cat([size.double().unsqueeze(-1) * rotate, centre.double().unsqueeze(-1)], -1)
-    theta = theta.to(x.device, x.dtype)
+    theta = to_device(theta.to(x.dtype), x.device)
     grid = F.affine_grid(theta, [n, x.shape[1], height, width], align_corners=False)
-    edge = torch.tensor([1 - 1 / width, 1 - 1 / height], device=x.device, dtype=x.dtype)
+    edge = to_device(torch.tensor([1 - 1 / width, 1 - 1 / height], dtype=x.dtype), x.device)
     inside = (grid.abs() <= 1).all(dim=-1, keepdim=True)
     grid = torch.where(inside, torch.minimum(torch.maximum(grid, -edge), edge), grid)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -197,7 +208,7 @@ def warp(x: torch.Tensor, angle: torch.Tensor, size: torch.Tensor, centre: torch
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend each image with its mean grey level by its `factor` (N,), as torchvision does."""
     if x.shape[1] == 3:
-        weights = torch.tensor(GREY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        weights = to_device(torch.tensor(GREY_WEIGHTS, dtype=x.dtype), x.device).view(1, 3, 1, 1)
         grey = (x * weights).sum(dim=1, keepdim=True)
     else:
         grey = x
@@ -215,7 +226,7 @@ def adjust_sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
     channels, height, width = x.shape[1:]
     if height < 3 or width < 3:
         return x
-    kernel = torch.tensor(SMOOTH_KERNEL, device=x.device, dtype=x.dtype)
+    kernel = to_device(torch.tensor(SMOOTH_KERNEL, dtype=x.dtype), x.device)
     kernel = (kernel / kernel.sum()).expand(channels, 1, 3, 3)
     smooth = F.conv2d(x, kernel, groups=channels)
     out = x.clone()

@@ -181,10 +181,10 @@ def evaluate(model: nn.Module, batches: Batches, num_classes: int, prefix: str =
         with accel.autocast():
             logits = model(accel.inputs(x)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        probs.append(logits.softmax(1).cpu())
-        labels.append(y.cpu())
-    p = torch.cat(probs).numpy()
-    y_true = torch.cat(labels).numpy()
+        probs.append(logits.softmax(1))  # kept on the device: one copy back, at the end
+        labels.append(y)
+    p = torch.cat(probs).cpu().numpy()
+    y_true = torch.cat(labels).cpu().numpy()
     y_pred = p.argmax(1)
     scores = classification_metrics(y_true, p, num_classes)
     metrics = {f"{prefix}_loss": loss_sum.item() / len(y_true),
