@@ -30,6 +30,7 @@ import queue
 import sys
 import time
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class Outcome:
 
 
 def trial(rank: int, settings: Settings, barrier: Barrier,
-          results: mp.Queue[Outcome]) -> None:
+          results: Queue[Outcome]) -> None:
     """One trial process: warm up, meet the others at `barrier`, train for `settings.seconds`,
     put an Outcome on `results`. A failure is reported, and breaks the barrier so that the
     other processes stop waiting."""
@@ -135,7 +136,7 @@ def measure(k: int, settings: Settings) -> list[Outcome]:
     the first failure, once every process has ended."""
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
     barrier = ctx.Barrier(k)
-    results: mp.Queue[Outcome] = ctx.Queue()
+    results: Queue[Outcome] = ctx.Queue()
     processes = [ctx.Process(target=trial, args=(rank, settings, barrier, results),
                              name=f"trial-{rank}") for rank in range(k)]
     for process in processes:

@@ -190,7 +190,7 @@ def fresh_model(args: argparse.Namespace, num_classes: int, device: torch.device
     `accel`, prepared as a trial prepares it (memory format, compilation)."""
     seed_everything(args.seed)
     model = build_model(args.arch, num_classes, 3, 0.0, args.image_size)
-    return accel.prepare(model) if accel else model.to(device)
+    return accel.prepare(model) if accel is not None else model.to(device)
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
@@ -256,7 +256,9 @@ def run(args: argparse.Namespace, data: Data, loader: DataLoader[tuple[torch.Ten
         device: torch.device, sync: Callable[[], None] | None) -> int:
     num_classes = len(data.classes)
     # (b) and (c) train as a trial does on this device: on CUDA bf16 autocast, channels_last,
-    # cudnn.benchmark and TF32; on the CPU float32 as it is. (a) stays the textbook float32.
+    # cudnn.benchmark and TF32; on the CPU float32 as it is. (a) stays the textbook float32 and
+    # NCHW; the last two are process-wide and reach it too, which matters little: on CUDA (a) is
+    # bound by its JPEG decoding workers.
     accel = Acceleration.for_device(device, compile=args.compile)
     scaler = accel.grad_scaler()  # fp16 GPUs only; None with bf16 and on the CPU
     loss_fn = nn.CrossEntropyLoss()
