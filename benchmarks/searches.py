@@ -1,0 +1,115 @@
+"""What the search benchmarks (study.py, pruning.py) share: a study spec with overrides, a search
+with MLflow tracking switched off, and a way to time each trial's training.
+
+A search without tracking goes through `hpo.search.run_search(..., track=False)` where that
+switch exists; until then `search_untracked` drives the same objects `run_search` does (the
+backend's study, a `StudyContext` whose tracker is None, `study.optimize`), leaving out only the
+MLflow calls, so that the two differ in tracking and in nothing else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+import hpo.objective
+from hpo.backends import NullObserver, SearchObserver, get_backend
+from hpo.devices import apply_slot, plan_slots
+from hpo.objective import StudyContext, TrialOutcome
+from hpo.search import run_search
+from hpo.space import Scalar
+from hpo.store import Store
+from hpo.study import StudySpec, load_study
+from imgcls.data import prepare_data
+from imgcls.metrics import check_objective
+
+
+def study_spec(name: str, overrides: Mapping[str, Any]) -> StudySpec:
+    """studies/<name>.yaml with overrides, as `imgcls-hpo search --set KEY=VALUE` applies them
+    ("space.arch": "resnet18" as `--arch resnet18`)."""
+    return load_study(name, dict(overrides))
+
+
+class EpochCounter(NullObserver):
+    """Counts the epochs each trial trained, told by the trial loop at every epoch's end: exact
+    also for a trial that failed midway (its outcome then says 0 epochs)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, int] = {}
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.epochs[number] = max(self.epochs.get(number, 0), epoch)
+
+    @property
+    def total(self) -> int:
+        return sum(self.epochs.values())
+
+
+def search_untracked(spec: StudySpec, store: Store,
+                     observer: SearchObserver | None = None) -> list[TrialOutcome]:
+    """The search `run_search` runs, with no MLflow tracking; its trials, oldest first."""
+    observer = observer or NullObserver()
+    if "track" in inspect.signature(run_search).parameters:  # the search's own switch
+        return run_search(spec, store, observer, track=False).trials  # type: ignore[call-arg]
+    # run_search's steps, in its order, less the MLflow ones (experiment, study run, tags,
+    # split.csv, summary): the trials run the same code with tracker=None.
+    backend = get_backend(spec.backend)
+    backend.check(spec)
+    device = torch.device("cpu")
+    if not backend.places_trials:
+        slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)
+        if len(slots) == 1:
+            device = apply_slot(slots[0])
+    data = prepare_data(spec.data, spec.seed, store.cache_dir)
+    check_objective(spec.objective, data.num_classes)
+    store.create()
+    study = backend.open(spec, store)
+    ctx = StudyContext(spec, data, device, tracker=None)
+    observer.study_started(spec, data, study.trials())
+    study.optimize(ctx, observer)
+    return study.trials()
+
+
+@contextmanager
+def fit_seconds() -> Iterator[list[float]]:
+    """Seconds of every `fit()` call a trial makes in this process, in call order: the same
+    interval a tracked trial logs as `train_seconds`. Trials must train in this process (one
+    slot), as they do on a CPU-only machine with workers=1."""
+    seconds: list[float] = []
+    original = hpo.objective.fit
+
+    def timed_fit(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    hpo.objective.fit = timed_fit  # type: ignore[assignment]
+    try:
+        yield seconds
+    finally:
+        hpo.objective.fit = original  # type: ignore[assignment]
+
+
+def best_value(trials: list[TrialOutcome], spec: StudySpec) -> float | None:
+    """The best objective value of the COMPLETE trials (what Optuna's best_trial and `promote`
+    consider: a pruned trial has no final model); None when none completed."""
+    values = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
+    if not values:
+        return None
+    return max(values) if spec.direction == "max" else min(values)
+
+
+def describe_params(params: Mapping[str, Scalar], names: list[str]) -> str:
+    """A trial's searched values, short: "lr=0.0123 batch_size=64"."""
+    parts = []
+    for name in names:
+        value = params.get(name)
+        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    return " ".join(parts)

@@ -1,0 +1,218 @@
+"""Orchestration and MLflow tracking overhead of one search.
+
+What runs: one N-trial study (studies/digits.yaml; Optuna, the random sampler with the study's
+seed, pruner none) whose trials all train the same network for their full budget: resnet18 at
+batch size 64 for --max-epochs epochs, early stopping off (patience = max_epochs), about 20-25 s
+of training per trial on 2 idle cores. Only the continuous hyperparameters (lr, momentum,
+weight decay, dropout, label smoothing) are sampled; they do not change the cost of an epoch.
+
+It runs twice, each in a fresh temporary store: (i) tracked, `hpo.search.run_search` as
+`imgcls-hpo search` runs it; (ii) untracked, the same spec with MLflow tracking switched off
+(benchmarks/searches.py: `search_untracked`). Both draw the same trials. Before either, untimed:
+the decoded-image cache of both stores is filled and a 1-epoch trial warms torch up (the first
+epoch in a process pays ~10 s of one-off set-up), so that the runs differ only in tracking. The
+tracked run does create its MLflow database, as a first search in a new store does; the lines
+"before the first trial" show that one-off cost apart.
+
+Wall time: the whole study call (`run_search`, or its untracked counterpart), data preparation
+included. Training time: the seconds in `fit()` per trial; for (i) the `train_seconds` metric each
+trial run logs in MLflow, for (ii) the same call timed in this process.
+
+    orchestration overhead = (wall untracked - training untracked) / wall untracked
+    tracking overhead      = (wall tracked - wall untracked) / wall tracked
+    total overhead         = (wall tracked - training tracked) / wall tracked,  target <= 0.05
+                             for trials of >= 20 s (the median trial's training is printed)
+
+Run from the repo root: python benchmarks/study.py [--trials 4] [--max-epochs 9]; about 3.5 min
+at the defaults on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from common import Target, header, median, report
+from searches import EpochCounter, fit_seconds, search_untracked, study_spec
+
+from hpo.objective import StudyContext, TrialOutcome, run_trial
+from hpo.search import run_search
+from hpo.space import Scalar
+from hpo.store import Store
+from hpo.study import StudySpec
+from hpo.tracking import Tracker
+from imgcls.data import prepare_data
+
+TARGET_OVERHEAD = 0.05  # share of a tracked search's wall time not spent training
+
+
+class Timeline(EpochCounter):
+    """When each trial started and finished (time.perf_counter() seconds), from the search's
+    own events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[int, float] = {}
+        self.finished: dict[int, float] = {}
+
+    def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
+        self.started[number] = time.perf_counter()
+
+    def trial_finished(self, outcome: TrialOutcome) -> None:
+        self.finished[outcome.number] = time.perf_counter()
+
+
+@dataclass
+class Run:
+    """One timed search."""
+
+    label: str
+    wall: float  # seconds of the whole study call
+    trials: list[TrialOutcome]
+    train: list[float]  # seconds in fit(), per trial, in trial order
+    start: float  # perf_counter() when the call began
+    end: float
+    timeline: Timeline
+    fit_check: list[float] = field(default_factory=list)  # tracked: fit() timed here too
+
+    def phases(self) -> dict[str, float]:
+        """The wall time cut at the trials' start and finish events."""
+        first = min(self.timeline.started.values(), default=self.end)
+        last = max(self.timeline.finished.values(), default=self.end)
+        in_trials = sum(t.seconds for t in self.trials)
+        between = (last - first) - in_trials
+        return {"before the first trial (set-up)": first - self.start,
+                "in run_trial (sum)": in_trials,
+                "between trials (ask, tell, records)": between,
+                "after the last trial (summary)": self.end - last,
+                "wall": self.wall,
+                "training, fit() (sum)": sum(self.train)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default="digits", help="a study under studies/ (digits)")
+    parser.add_argument("--trials", type=int, default=4, help="trials per search (4)")
+    parser.add_argument("--max-epochs", type=int, default=9,
+                        help="epochs per trial (9: about 22 s of resnet18 on 2 idle cores)")
+    parser.add_argument("--arch", default="resnet18", help="the architecture of every trial")
+    parser.add_argument("--batch-size", type=int, default=64, help="every trial's batch size")
+    parser.add_argument("--sampler", default="random", choices=("random", "tpe"))
+    parser.add_argument("--seed", type=int, default=0, help="the study's seed (split, sampler)")
+    return parser.parse_args(argv)
+
+
+def make_spec(args: argparse.Namespace) -> StudySpec:
+    return study_spec(args.study, {
+        "trials": args.trials, "max_epochs": args.max_epochs,
+        "patience": args.max_epochs,  # never stops early: each trial trains its full budget
+        "seed": args.seed, "sampler": args.sampler, "pruner": "none", "backend": "optuna",
+        "workers": 1, "space.arch": args.arch, "space.batch_size": str(args.batch_size),
+    })
+
+
+def warm_up(spec: StudySpec, stores: list[Store]) -> None:
+    """Fill each store's image cache, and train one epoch so that torch's one-off set-up (about
+    10 s at the first epoch of a process) falls in neither timed run."""
+    for store in stores:
+        data = prepare_data(spec.data, spec.seed, store.cache_dir)
+    one_epoch = spec.model_copy(update={"max_epochs": 1, "patience": 1})
+    ctx = StudyContext(one_epoch, data, torch.device("cpu"))
+    run_trial(ctx, 0, {})  # the space's fixed values (arch, batch size), defaults for the rest
+
+
+def tracked(spec: StudySpec, store: Store) -> Run:
+    timeline = Timeline()
+    with fit_seconds() as timed_fit:
+        start = time.perf_counter()
+        result = run_search(spec, store, timeline)
+        end = time.perf_counter()
+    client = Tracker(store.tracking_uri).client
+    train = [client.get_run(t.run_id).data.metrics.get("train_seconds", 0.0) if t.run_id
+             else 0.0 for t in result.trials]
+    return Run("tracked", end - start, result.trials, train, start, end, timeline,
+               list(timed_fit))
+
+
+def untracked(spec: StudySpec, store: Store) -> Run:
+    timeline = Timeline()
+    with fit_seconds() as timed_fit:
+        start = time.perf_counter()
+        trials = search_untracked(spec, store, timeline)
+        end = time.perf_counter()
+    return Run("untracked", end - start, trials, list(timed_fit), start, end, timeline)
+
+
+def print_trials(runs: list[Run]) -> None:
+    print("   per trial, seconds: run_trial = the trial's whole call, train = its fit(), "
+          "other = the rest")
+    print(f"   {'trial':>5}  {'state':<8}" + "".join(
+        f"  {r.label + ': run_trial':>20} {'train':>7} {'other':>6}" for r in runs))
+    for i in range(max(len(r.trials) for r in runs)):
+        line = ""
+        state = ""
+        for r in runs:
+            if i < len(r.trials):
+                t, train = r.trials[i], r.train[i] if i < len(r.train) else 0.0
+                state = state or t.state
+                line += f"  {t.seconds:>20.2f} {train:>7.2f} {t.seconds - train:>6.2f}"
+            else:
+                line += f"  {'':>20} {'':>7} {'':>6}"
+        print(f"   {i:>5}  {state:<8}{line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    header("study: orchestration and MLflow tracking overhead of one search")
+    spec = make_spec(args)
+    print(f"   study {spec.name}: {spec.trials} trials, optuna, {spec.sampler} sampler (seed "
+          f"{spec.seed}), pruner none; every trial {args.arch}, batch size {args.batch_size}, "
+          f"{spec.max_epochs} epochs, early stopping off")
+    print("   image cache warm and torch warmed up (1 epoch) before both runs; each run in a "
+          "fresh store (the tracked run creates its MLflow database)")
+    print("   training seconds: tracked, MLflow's train_seconds per trial run; untracked, "
+          "fit() timed in process")
+
+    with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp:
+        stores = [Store.resolve(Path(tmp) / label) for label in ("tracked", "untracked")]
+        warm_up(spec, stores)
+        runs = [tracked(spec, stores[0]), untracked(spec, stores[1])]
+    on, off = runs
+
+    print()
+    print_trials(runs)
+    drift = max((abs(a - b) for a, b in zip(on.train, on.fit_check, strict=False)), default=0.0)
+    print(f"   (tracked: MLflow train_seconds and fit() timed here differ by at most "
+          f"{drift:.3f} s)")
+    print()
+    print(f"   {'where the wall time goes, s':<40} {'tracked':>9} {'untracked':>9}")
+    for (name, a), b in zip(on.phases().items(), off.phases().values(), strict=True):
+        print(f"   {name:<40} {a:>9.2f} {b:>9.2f}")
+    states = ", ".join(f"{r.label}: " + " ".join(t.state for t in r.trials) for r in runs)
+    print(f"   trial states: {states}")
+    print(f"   median trial training: {median(on.train):.1f} s tracked, "
+          f"{median(off.train):.1f} s untracked (the target holds for trials of >= 20 s)")
+
+    orchestration = (off.wall - sum(off.train)) / off.wall
+    tracking = (on.wall - off.wall) / on.wall
+    total = (on.wall - sum(on.train)) / on.wall
+    set_up = on.phases()["before the first trial (set-up)"]
+    per_trial = (on.wall - set_up - sum(on.train)) / (on.wall - set_up)
+    print(f"   orchestration overhead (untracked)           {orchestration:>9.3f}")
+    print(f"   tracking overhead                            {tracking:>9.3f}")
+    print(f"   total overhead without the one-off set-up    {per_trial:>9.3f}")
+    report([Target("total overhead (tracked, not training)", total, TARGET_OVERHEAD,
+                   at_least=False)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
