@@ -178,7 +178,8 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
             if pruned:
                 run.finish("PRUNED")
             else:
-                run.finish_with_model(model.cpu(), _input_example(data), _model_metadata(ctx, hp))
+                run.finish_with_model(model.cpu(), _input_example(data), data.num_classes,
+                                      _model_metadata(ctx, hp))
     except KeyboardInterrupt:
         outcome.fail_reason = INTERRUPTED
         if run is not None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
 
 TAG_ROLE = "imgcls_hpo.role"
 TAG_STUDY = "imgcls_hpo.study"
@@ -235,20 +236,56 @@ class TrialRun:
         self.tracker.end_run(self.run_id, status or RUN_STATUS[state])
 
     def finish_with_model(self, model: torch.nn.Module, input_example: np.ndarray,
-                          metadata: Mapping[str, Any]) -> None:
-        """Log the model (pt2: a traced graph that runs no code when loaded) and close the run
-        as COMPLETE. `metadata` travels in the MLmodel file: what predicting needs besides the
-        weights (classes, image size, channels, normalization)."""
+                          num_classes: int, metadata: Mapping[str, Any]) -> None:
+        """Log the model as `model` (pt2: a traced graph that runs no code when loaded), then
+        close the run as COMPLETE; a model that cannot be logged raises, and the run stays open
+        for the caller to record the failure. `input_example`: a float batch as the model takes
+        it; `num_classes`: its outputs (logits) per image. `metadata` travels in the MLmodel
+        file: what predicting needs besides the weights (classes, image size, normalization).
+
+        What this spares mlflow.pytorch.log_model (a quarter of its time, 0.15 s a trial on 2
+        CPU cores): running the model to infer the signature (given here from the shapes),
+        loading the saved model back to predict the input example (its "serving input
+        validation", which can only warn), and the fluent run it opens and ends. The model is
+        created through the client in the run's experiment with the run's parameters, as
+        log_model creates it, and linked to the run with the run's step-0 metrics, as there."""
         import mlflow
         import torch
+        from mlflow.entities import LoggedModelStatus
+        from mlflow.models import Model
 
-        self.tracker.set_tags(self.run_id, {TAG_STATE: "COMPLETE"})
-        version = torch.__version__.split("+")[0]
+        client = self.tracker.client
+        run = client.get_run(self.run_id)
+        logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME,
+                                            source_run_id=self.run_id, params=run.data.params)
         # Naming the requirement saves MLflow from loading the model in a subprocess to guess it.
-        with fluent_tracking_uri(self.tracker.uri), mlflow.start_run(run_id=self.run_id):
-            # start_run makes the run active so that the logged model joins its experiment; the
-            # block's end closes the run FINISHED (or FAILED if logging raises).
-            mlflow.pytorch.log_model(
-                model.eval(), name=MODEL_NAME, input_example=input_example,
-                pip_requirements=[f"torch=={version}"], metadata=dict(metadata),
-            )
+        version = torch.__version__.split("+")[0]
+        try:
+            # Model.log is what mlflow.pytorch.log_model calls; given the logged model and the
+            # run, it needs no active run. It reads the global tracking URI: set for the call.
+            with fluent_tracking_uri(self.tracker.uri):
+                Model.log(
+                    artifact_path=None, name=MODEL_NAME, flavor=mlflow.pytorch,
+                    run_id=self.run_id, model_id=logged.model_id, pytorch_model=model.eval(),
+                    serialization_format="pt2", input_example=input_example,
+                    signature=tensor_signature(input_example, num_classes),
+                    pip_requirements=[f"torch=={version}"], metadata=dict(metadata),
+                    validate_serving_input=False,
+                )
+        except BaseException:
+            # Not left PENDING (Model.log marks it FAILED on errors, not on Ctrl-C).
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.finish("COMPLETE")
+
+
+def tensor_signature(input_example: np.ndarray, num_classes: int) -> ModelSignature:
+    """The signature MLflow infers by running a classifier once: a float tensor of any batch
+    size in (the example's other dimensions), one score per class out, in the same dtype."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    dtype = np.dtype(input_example.dtype)
+    return ModelSignature(Schema([TensorSpec(dtype, (-1, *input_example.shape[1:]))]),
+                          Schema([TensorSpec(dtype, (-1, num_classes))]))

@@ -124,3 +124,43 @@ def test_predictions_of_mismatched_lengths_are_refused(tmp_path: Path) -> None:
     _, p = scored(3, 2)
     with pytest.raises(ValueError, match=r"2 ids, 3 labels and probs of shape \(3, 2\)"):
         write_predictions(tmp_path / "p.csv", ["a", "b"], np.zeros(3, int), p, ["x", "y"])
+
+
+def _outside(fig: Figure) -> list[str]:
+    """The texts drawn on `fig` (labels, ticks, titles, legends, counts) that reach past its
+    edges, as a PNG of it would show them."""
+    from typing import Any
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    drawn = []
+    draw_text = renderer.draw_text
+
+    def recording(*args: Any, mtext: Any = None, **kwargs: Any) -> None:
+        drawn.append(mtext)
+        draw_text(*args, mtext=mtext, **kwargs)
+
+    renderer.draw_text = recording  # type: ignore[method-assign]
+    fig.draw(renderer)
+    width, height = canvas.get_width_height()
+    out = []
+    for text in filter(None, drawn):
+        box = text.get_window_extent(renderer)
+        if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1:
+            out.append(text.get_text())
+    assert len(drawn) > 10  # the check saw what was drawn
+    return out
+
+
+@pytest.mark.parametrize("classes", [["a", "b"], [f"a long class name {i}" for i in range(12)]])
+def test_figures_keep_every_text_inside_them(classes: list[str]) -> None:
+    """The layout leaves legends and counts out of its measurement: they must stay inside."""
+    k = len(classes)
+    y, p = scored(20 * k, k)
+    matrix = confusion_matrix(y, p.argmax(1), k)
+    title = "validation, epoch 12: val_bal_acc = 0.9876"
+    for fig in (plot_curves(HISTORY, best_epoch=2), plot_roc(y, p, classes, title=title),
+                plot_confusion_matrix(matrix, classes, title)):
+        assert _outside(fig) == []

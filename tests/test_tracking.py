@@ -1,0 +1,97 @@
+"""A trial's model as `hpo.tracking` logs it, against a real MLflow store: what promotion
+(`hpo.registry`), `imgcls-hpo predict` and the MLflow UI read back."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.models import infer_signature
+
+from hpo.store import Store
+from hpo.tracking import MODEL_NAME, TAG_STATE, Tracker, TrialRun, fluent_tracking_uri
+
+METADATA = {"imgcls": {"arch": "tiny", "classes": ["a", "b", "c"], "image_size": 8}}
+
+
+class Tiny(torch.nn.Module):
+    """One channel of 8x8 pixels in, three class scores out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+class Unexportable(Tiny):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+            return super().forward(x)
+        return super().forward(-x)
+
+
+@pytest.fixture
+def tracker(store: Store) -> Tracker:
+    return Tracker(store.tracking_uri, store.artifact_root)
+
+
+def _trial(tracker: Tracker) -> TrialRun:
+    experiment = tracker.experiment("tiny")
+    parent, _ = tracker.open_study_run(experiment, "tiny", None, {"seed": "0"})
+    return tracker.start_trial(experiment, parent, "tiny", 0,
+                               {"lr": 0.05, "arch": "tiny", "dropout": None})
+
+
+def _models(tracker: Tracker, run: TrialRun) -> list:  # type: ignore[type-arg]
+    """The run's logged models named `model`, searched as `hpo.registry` searches them."""
+    experiment = tracker.client.get_run(run.run_id).info.experiment_id
+    return tracker.client.search_logged_models(
+        [experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run.run_id}'")
+
+
+def test_a_complete_trial_logs_a_model_that_loads_and_predicts(tracker: Tracker) -> None:
+    run = _trial(tracker)
+    run.log_metrics({"test_f1": 0.75})  # a summary metric (step 0)
+    run.log_metrics({"val_f1": 0.5}, step=1)  # an epoch's metric
+    torch.manual_seed(0)
+    model = Tiny()
+    example = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    run.finish_with_model(model, example, 3, METADATA)
+
+    logged = tracker.client.get_run(run.run_id)
+    assert logged.info.status == "FINISHED" and logged.data.tags[TAG_STATE] == "COMPLETE"
+    (found,) = _models(tracker, run)  # in the run's experiment: found by promotion
+    assert found.status == LoggedModelStatus.READY
+    assert [o.model_id for o in logged.outputs.model_outputs] == [found.model_id]
+    # as MLflow's log_model records them: the run's parameters, its step-0 metrics
+    assert found.params == {"lr": "0.05", "arch": "tiny", "dropout": ""}
+    assert {(m.key, m.value) for m in found.metrics} == {("test_f1", 0.75)}
+    uri = f"runs:/{run.run_id}/{MODEL_NAME}"
+    with fluent_tracking_uri(tracker.uri):
+        info = mlflow.models.get_model_info(uri)
+        loaded = mlflow.pytorch.load_model(uri)
+    assert {"pytorch", "python_function"} <= set(info.flavors)
+    assert info.metadata == METADATA
+    # the signature given is the one MLflow would infer by running the model
+    with torch.no_grad():
+        scores = model(torch.from_numpy(example)).numpy()
+    assert info.signature == infer_signature(example, scores)
+    x = torch.randn(5, 1, 8, 8)  # another batch size: the exported graph keeps it dynamic
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_a_model_that_cannot_be_logged_leaves_the_run_to_the_caller(tracker: Tracker) -> None:
+    run = _trial(tracker)
+    with pytest.raises(Exception, match="data-dependent"):
+        run.finish_with_model(Unexportable(), np.ones((2, 1, 8, 8), np.float32), 3, METADATA)
+    logged = tracker.client.get_run(run.run_id)
+    # not COMPLETE: run_trial records the failure, with its reason
+    assert logged.info.status == "RUNNING" and logged.data.tags[TAG_STATE] == "RUNNING"
+    (found,) = _models(tracker, run)
+    assert found.status == LoggedModelStatus.FAILED  # not left PENDING; promotion skips it
