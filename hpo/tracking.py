@@ -243,9 +243,9 @@ class TrialRun:
         it; `num_classes`: its outputs (logits) per image. `metadata` travels in the MLmodel
         file: what predicting needs besides the weights (classes, image size, normalization).
 
-        What this spares mlflow.pytorch.log_model (a quarter of its time, 0.15 s a trial on 2
-        CPU cores): running the model to infer the signature (given here from the shapes),
-        loading the saved model back to predict the input example (its "serving input
+        What this spares mlflow.pytorch.log_model (a quarter of its time: 0.1 to 0.2 s a trial
+        on 2 shared CPU cores): running the model to infer the signature (given here from the
+        shapes), loading the saved model back to predict the input example (its "serving input
         validation", which can only warn), and the fluent run it opens and ends. The model is
         created through the client in the run's experiment with the run's parameters, as
         log_model creates it, and linked to the run with the run's step-0 metrics, as there."""
