@@ -178,7 +178,10 @@ def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
             if pruned:
                 run.finish("PRUNED")
             else:
-                run.finish_with_model(model.cpu(), _input_example(data), data.num_classes,
+                # in the default layout: a GPU trial's channels_last weights would be exported
+                # as such, and a CPU predictor would pay for the layout change on every call
+                model = model.to("cpu", memory_format=torch.contiguous_format)
+                run.finish_with_model(model, _input_example(data), data.num_classes,
                                       _model_metadata(ctx, hp))
     except KeyboardInterrupt:
         outcome.fail_reason = INTERRUPTED
@@ -258,8 +261,10 @@ def _assess(ctx: StudyContext, number: int, run: TrialRun | None, result: FitRes
     data, objective = ctx.data, ctx.spec.objective
     held_out = "test" if len(data.split.indices("test")) else "val"
     if held_out == "test":
-        batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device)
-        evaluation = evaluate(model, batches, data.num_classes, prefix="test")
+        batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device,
+                               resident=ctx.images_on_device())
+        evaluation = evaluate(model, batches, data.num_classes, prefix="test",
+                              accel=ctx.acceleration())
         scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes,
                               seed=trial_seed(ctx.spec.seed, number))
     else:

@@ -112,3 +112,21 @@ def test_an_interrupt_closes_the_run_as_killed(ctx: StudyContext) -> None:
     (killed,) = [r for r in runs if r.info.run_id not in {b.info.run_id for b in runs_before}]
     assert killed.info.status == "KILLED"
     assert killed.data.tags["imgcls_hpo.fail_reason"] == "interrupted"
+
+
+def test_a_trial_records_how_fast_it_trained_and_how(ctx: StudyContext) -> None:
+    outcome = run_trial(ctx, 0, {"lr": 0.05, "batch_size": 4})
+    assert outcome.state == "COMPLETE", outcome.fail_reason
+    client = ctx.tracker.client  # type: ignore[union-attr]
+    for name in ("train_images_per_s", "data_wait_frac"):
+        history = client.get_metric_history(outcome.run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    assert all(m.value > 0 for m in client.get_metric_history(outcome.run_id,
+                                                             "train_images_per_s"))
+    assert all(0 <= m.value < 1 for m in client.get_metric_history(outcome.run_id,
+                                                                  "data_wait_frac"))
+    run = _run(ctx, outcome.run_id)
+    assert run.data.metrics["peak_memory_mb"] > 0
+    params = run.data.params
+    assert (params["precision"], params["channels_last"], params["compile"],
+            params["images_on_device"]) == ("float32", "False", "False", "True")
