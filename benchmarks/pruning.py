@@ -18,8 +18,10 @@ and the best objective value of the COMPLETE trials (what `promote` picks from).
                    costs less than the seed-to-seed noise. (For an objective to minimize the
                    ratio is the same and the target <= 1 + s/m.)
 
-Run from the repo root: python benchmarks/pruning.py [--seeds 3] [--trials 12] [--pruner median];
-about 2 x 1.5 min per seed on 2 idle cores at the defaults (the unpruned run is the longer).
+Run from the repo root: python benchmarks/pruning.py [--seeds 3] [--trials 12] [--pruner median]
+[--param NAME=SPEC]. Cost on 2 cores: a seed's unpruned search is 1.5 min when TPE draws mostly
+simplecnn (seed 0) and 5-8 min when it draws mostly resnet18 (seeds 1, 2), so the defaults take
+15-25 min. `--param arch=simplecnn` (about 1 s per epoch) brings 3 seeds to 6-8 min.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from searches import EpochCounter, best_value, search_untracked, study_spec
 from hpo.backends.optuna_samplers import PRUNERS
 from hpo.store import Store
 from hpo.study import StudySpec
+from imgcls.errors import ConfigError
 
 TARGET_EPOCHS = 0.40  # pruned epochs / unpruned epochs
 
@@ -66,7 +69,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"pruner(s) to compare with none, comma-separated: "
                              f"{', '.join(n for n in PRUNERS.names() if n != 'none')} "
                              "(default: the study's)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                        help="override one search-space entry, as `imgcls-hpo search --param` "
+                             "does (repeatable), e.g. arch=simplecnn for a shorter run")
     args = parser.parse_args(argv)
+    for item in args.param:
+        if "=" not in item:
+            parser.error(f"--param {item!r}: expected NAME=SPEC, e.g. arch=simplecnn")
+    for name in (args.pruner or "").split(","):
+        try:
+            if name.strip():
+                PRUNERS.entry(name.strip())  # an unknown name fails now, listing the known ones
+        except ConfigError as exc:
+            parser.error(str(exc))
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     return args
@@ -117,14 +132,23 @@ def compare(pruner: str, runs: list[Run], baseline: list[Run], spec: StudySpec) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     header("pruning: pruned vs unpruned search, epochs trained and best value")
-    base = study_spec(args.study, {"trials": args.trials, "backend": "optuna", "workers": 1})
-    pruners = [p.strip() for p in (args.pruner or base.pruner).split(",") if p.strip()]
-    for name in pruners:
-        PRUNERS.entry(name)  # an unknown name fails now, listing the known ones
+    overrides: dict[str, object] = {"trials": args.trials, "backend": "optuna", "workers": 1}
+    for item in args.param:  # as `imgcls-hpo search --param NAME=SPEC`
+        name, _, value = item.partition("=")
+        overrides[f"space.{name.strip()}"] = value.strip()
+    base = study_spec(args.study, overrides)
+    # "none" is the baseline every pruner is compared with, not a candidate
+    pruners = [p.strip() for p in (args.pruner or base.pruner).split(",")
+               if p.strip() not in ("", "none")]
+    if not pruners:
+        print("   nothing to compare: give --pruner a pruner other than none")
+        return 0
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     print(f"   study {base.name}: {base.trials} trials, {base.sampler} sampler, max_epochs "
           f"{base.max_epochs}, patience {base.patience}, objective {base.objective}; seeds "
           f"{', '.join(map(str, seeds))}; pruners {', '.join(pruners)} vs none; tracking off")
+    if args.param:
+        print(f"   search space changed: {', '.join(args.param)}")
     columns = ["none", *pruners]
     print(f"   {'seed':>4}" + "".join(f"  {name + ': epochs':>16} {'best':>7} {'pruned':>6} "
                                       f"{'s':>5}" for name in columns))

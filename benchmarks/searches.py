@@ -15,8 +15,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 import hpo.objective
 from hpo.backends import NullObserver, SearchObserver, get_backend
 from hpo.devices import apply_slot, plan_slots
@@ -60,11 +58,12 @@ def search_untracked(spec: StudySpec, store: Store,
     # split.csv, summary): the trials run the same code with tracker=None.
     backend = get_backend(spec.backend)
     backend.check(spec)
-    device = torch.device("cpu")
-    if not backend.places_trials:
-        slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)
-        if len(slots) == 1:
-            device = apply_slot(slots[0])
+    slots = [] if backend.places_trials else plan_slots(spec.gpus, spec.trials_per_gpu,
+                                                        spec.workers)
+    if len(slots) != 1:  # worker processes and Ray trials open their own Tracker
+        raise ValueError(f"an untracked search here runs one trial at a time in this process: "
+                         f"backend optuna, one slot (got {spec.backend}, {len(slots)} slots)")
+    device = apply_slot(slots[0])
     data = prepare_data(spec.data, spec.seed, store.cache_dir)
     check_objective(spec.objective, data.num_classes)
     store.create()
