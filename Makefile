@@ -26,13 +26,15 @@ test-fast: $(STAMP)
 
 # Benchmarks 1-3 (pipeline, study overhead, pruning), each printing its ratios against the
 # targets; about 15 minutes on two cores. The pipeline runs on real photos where they are
-# (BENCH_DATA), else on JPEGs it generates. benchmarks/concurrency.py needs a GPU: run it there.
+# (BENCH_DATA), else on JPEGs it generates. Pruning searches the digits space with simplecnn only
+# (its full space, with resnet18 trials, takes 15-25 minutes more). benchmarks/concurrency.py
+# needs a GPU: run it there.
 BENCH_DATA ?= ../shared/datasets/hymenoptera
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py $(if $(wildcard $(BENCH_DATA)),--data $(BENCH_DATA))
 	$(BIN)/python benchmarks/study.py
-	$(BIN)/python benchmarks/pruning.py
+	$(BIN)/python benchmarks/pruning.py --param arch=simplecnn
 
 lint: $(STAMP)
 	$(BIN)/ruff check imgcls hpo tests benchmarks

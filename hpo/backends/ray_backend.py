@@ -6,8 +6,8 @@ How a study maps onto Tune:
   enqueued configurations, the trials of earlier searches (TPE learns from them) and
   `timeout` work alike.
 - Pruning: a Tune scheduler (`SCHEDULERS`): ASHA, asynchronous HyperBand, or none. The
-  study's default pruner, Optuna's "median", runs as ASHA here (and "sha", the same
-  successive halving, too).
+  study's default pruner, "sha" (successive halving), runs as ASHA here, which is its
+  asynchronous form; so does "median".
 - Placement: one trial per slot, `max_concurrent_trials` slots; a trial asks for its share of
   the cores, and 1/trials_per_gpu of a GPU when GPUs are used.
 - State: Tune's experiment under `<store>/ray/<study>` (restored when a search was cut short:
@@ -69,8 +69,8 @@ STUDY_ATTRS = "imgcls_hpo.json"  # the study's attributes, in its Tune experimen
 TUNE_FINISHED = "tune_finished"  # attr: the last Tune run ended by itself (nothing to restore)
 ENQUEUED = "enqueued"  # attr: the configured `enqueue` entries already handed to a searcher
 SAMPLERS = ("tpe", "random")  # Optuna samplers that OptunaSearch drives trial by trial
-# Optuna pruner names that mean the same thing here: the study's default "median" (stop the
-# trials that fall behind) and "sha" (successive halving, which ASHA is, asynchronously).
+# Optuna pruner names that mean the same thing here: the study's default "sha" (successive
+# halving, which ASHA is, asynchronously) and "median" (stop the trials that fall behind).
 PRUNER_ALIASES = {"median": "asha", "sha": "asha"}
 UNSUPPORTED_PRUNERS = {
     "pbt": "Population Based Training hands a better trial's weights to a worse one during "
