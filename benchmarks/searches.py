@@ -1,30 +1,26 @@
 """What the search benchmarks (study.py, pruning.py) share: a study spec with overrides, a search
 with MLflow tracking switched off, and a way to time each trial's training.
 
-A search without tracking goes through `hpo.search.run_search(..., track=False)` where that
-switch exists; until then `search_untracked` drives the same objects `run_search` does (the
-backend's study, a `StudyContext` whose tracker is None, `study.optimize`), leaving out only the
-MLflow calls, so that the two differ in tracking and in nothing else.
+A search without tracking, `search_untracked`, is `run_search` less its MLflow calls: the same
+`prepare_search`, the backend's study, a `StudyContext` whose tracker is None and
+`study.optimize`, so that the two differ in tracking and in nothing else.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import hpo.objective
-from hpo.backends import NullObserver, SearchObserver, get_backend
-from hpo.devices import apply_slot, plan_slots
+from hpo.backends import NullObserver, SearchObserver
+from hpo.devices import plan_slots
 from hpo.objective import StudyContext, TrialOutcome
-from hpo.search import run_search
+from hpo.search import prepare_search
 from hpo.space import Scalar
 from hpo.store import Store
 from hpo.study import StudySpec, load_study
-from imgcls.data import prepare_data
-from imgcls.metrics import check_objective
 
 
 def study_spec(name: str, overrides: Mapping[str, Any]) -> StudySpec:
@@ -52,21 +48,12 @@ def search_untracked(spec: StudySpec, store: Store,
                      observer: SearchObserver | None = None) -> list[TrialOutcome]:
     """The search `run_search` runs, with no MLflow tracking; its trials, oldest first."""
     observer = observer or NullObserver()
-    if "track" in inspect.signature(run_search).parameters:  # the search's own switch
-        return run_search(spec, store, observer, track=False).trials  # type: ignore[call-arg]
-    # run_search's steps, in its order, less the MLflow ones (experiment, study run, tags,
-    # split.csv, summary): the trials run the same code with tracker=None.
-    backend = get_backend(spec.backend)
-    backend.check(spec)
-    slots = [] if backend.places_trials else plan_slots(spec.gpus, spec.trials_per_gpu,
-                                                        spec.workers)
-    if len(slots) != 1:  # worker processes and Ray trials open their own Tracker
+    slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)
+    if spec.backend != "optuna" or len(slots) != 1:
+        # worker processes and Ray trials open their own Tracker
         raise ValueError(f"an untracked search here runs one trial at a time in this process: "
                          f"backend optuna, one slot (got {spec.backend}, {len(slots)} slots)")
-    device = apply_slot(slots[0])
-    data = prepare_data(spec.data, spec.seed, store.cache_dir)
-    check_objective(spec.objective, data.num_classes)
-    store.create()
+    backend, device, data = prepare_search(spec, store)
     study = backend.open(spec, store)
     ctx = StudyContext(spec, data, device, tracker=None)
     observer.study_started(spec, data, study.trials())

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,11 +88,13 @@ class StudyContext:
     experiment_id: str = ""
     study_run_id: str = ""
 
+    @cached_property
     def acceleration(self) -> Acceleration:
-        """How trials train on this context's device (configures CUDA once it is asked)."""
+        """How trials train on this context's device (configures CUDA when first asked)."""
         return Acceleration.for_device(self.device, compile=self.spec.compile,
                                        mixed_precision=self.spec.mixed_precision)
 
+    @cached_property
     def images_on_device(self) -> bool:
         """Whether the images fit this trial's share of its device's memory; else they are
         prefetched from host memory batch by batch."""
@@ -101,7 +104,7 @@ class StudyContext:
     def trial_settings(self, number: int) -> dict[str, Any]:
         """The fixed settings a trial logs beside its hyperparameters."""
         spec, data = self.spec, self.data.config
-        accel = self.acceleration()
+        accel = self.acceleration
         return {
             "objective": spec.objective, "max_epochs": spec.max_epochs,
             "patience": spec.patience, "seed": trial_seed(spec.seed, number),
@@ -109,7 +112,7 @@ class StudyContext:
             "normalize": data.normalize, "num_classes": self.data.num_classes,
             "device": str(self.device), "precision": accel.precision,
             "channels_last": accel.channels_last, "compile": accel.compile,
-            "images_on_device": self.images_on_device(),
+            "images_on_device": self.images_on_device,
         }
 
 
@@ -216,7 +219,7 @@ def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
             "macs": float(profile.macs)}
     if run is not None:
         run.log_metrics(cost)
-    accel, resident = ctx.acceleration(), ctx.images_on_device()
+    accel, resident = ctx.acceleration, ctx.images_on_device
     train = data.batches("train", hp.batch_size, augment=hp.augment(), seed=seed,
                          device=ctx.device, resident=resident)
     val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device,
@@ -262,9 +265,9 @@ def _assess(ctx: StudyContext, number: int, run: TrialRun | None, result: FitRes
     held_out = "test" if len(data.split.indices("test")) else "val"
     if held_out == "test":
         batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device,
-                               resident=ctx.images_on_device())
+                               resident=ctx.images_on_device)
         evaluation = evaluate(model, batches, data.num_classes, prefix="test",
-                              accel=ctx.acceleration())
+                              accel=ctx.acceleration)
         scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes,
                               seed=trial_seed(ctx.spec.seed, number))
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hpo.backends import NullObserver, SearchObserver, get_backend
+from hpo.backends import Backend, NullObserver, SearchObserver, get_backend
 from hpo.devices import apply_slot, plan_slots
 from hpo.objective import StudyContext, TrialOutcome
 from hpo.store import Store
@@ -49,12 +49,13 @@ class SearchResult:
         return ranked[0] if ranked else None
 
 
-def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = None,
-               data_progress: Progress | None = None) -> SearchResult:
-    observer = observer or NullObserver()
+def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None = None
+                   ) -> tuple[Backend, torch.device, PreparedData]:
+    """What a search needs before its first trial, every check done first: the backend, the
+    device a trial trains on if it trains in this process, the data, and the store."""
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
-    device = torch.device("cpu")  # where a trial trains if it trains in this process
+    device = torch.device("cpu")
     if not backend.places_trials:
         slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)  # bad --gpus: now
         if len(slots) == 1:  # one slot trains here; several, in worker processes
@@ -62,6 +63,13 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     store.create()  # after the data is known to be usable: bad input leaves nothing behind
+    return backend, device, data
+
+
+def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = None,
+               data_progress: Progress | None = None) -> SearchResult:
+    observer = observer or NullObserver()
+    backend, device, data = prepare_search(spec, store, data_progress)
     tracker = Tracker(store.tracking_uri, store.artifact_root if store.tracking_is_local else None)
     study = backend.open(spec, store)
     experiment_id = tracker.experiment(spec.name)
