@@ -12,14 +12,16 @@ Layout (a contract other commands and users rely on):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from hpo.interrupts import interrupts_held
 from imgcls.errors import ImgclsError
 
 if TYPE_CHECKING:
@@ -83,9 +85,30 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
                             ) from None
 
 
+class _WholeCalls:
+    """An MlflowClient whose calls each end before Ctrl-C is raised (see hpo.interrupts): an
+    interrupted trial can then still close its run."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def whole(*args: Any, **kwargs: Any) -> Any:
+            with interrupts_held():
+                return attr(*args, **kwargs)
+
+        return whole
+
+
 class Tracker:
     """MLflow for one tracking URI. `artifact_root` is where new experiments keep their
-    artifacts when tracking is local (a tracking server chooses for itself)."""
+    artifacts when tracking is local (a tracking server chooses for itself). Ctrl-C waits for
+    the MLflow call in progress, so that the store is never left locked by a half-done write."""
 
     def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
         from mlflow import MlflowClient
@@ -95,7 +118,7 @@ class Tracker:
             check_server(tracking_uri)
         self.uri = tracking_uri
         self.artifact_root = artifact_root
-        self.client: MlflowClient = MlflowClient(tracking_uri)
+        self.client = cast("MlflowClient", _WholeCalls(MlflowClient(tracking_uri)))
 
     # -- experiments and the study run ---------------------------------------------------------
 
@@ -263,7 +286,8 @@ class TrialRun:
         try:
             # Model.log is what mlflow.pytorch.log_model calls; given the logged model and the
             # run, it needs no active run. It reads the global tracking URI: set for the call.
-            with fluent_tracking_uri(self.tracker.uri):
+            # It writes to the store throughout: Ctrl-C waits for it (seconds: the export).
+            with fluent_tracking_uri(self.tracker.uri), interrupts_held():
                 Model.log(
                     artifact_path=None, name=MODEL_NAME, flavor=mlflow.pytorch,
                     run_id=self.run_id, model_id=logged.model_id, pytorch_model=model.eval(),
@@ -273,7 +297,8 @@ class TrialRun:
                     validate_serving_input=False,
                 )
         except BaseException:
-            # Not left PENDING (Model.log marks it FAILED on errors, not on Ctrl-C).
+            # Not left PENDING: Model.log marks it FAILED on its errors, not on a Ctrl-C (which
+            # comes once it has ended; the interrupted trial's model is not one to use).
             client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
             raise
         self.finish("COMPLETE")

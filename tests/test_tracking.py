@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import mlflow
 import numpy as np
 import pytest
@@ -95,3 +98,31 @@ def test_a_model_that_cannot_be_logged_leaves_the_run_to_the_caller(tracker: Tra
     assert logged.info.status == "RUNNING" and logged.data.tags[TAG_STATE] == "RUNNING"
     (found,) = _models(tracker, run)
     assert found.status == LoggedModelStatus.FAILED  # not left PENDING; promotion skips it
+
+
+def test_ctrl_c_during_a_write_lets_it_finish_and_the_run_can_still_be_closed(
+        tracker: Tracker) -> None:
+    """Ctrl-C that lands inside an MLflow write waits for it: the write is kept, and the
+    interrupted trial's handler closes its run KILLED. (Broken off halfway, a write can leave
+    SQLite locked while the handler runs: the test of Ctrl-C in test_workers.py caught that.)"""
+    from sqlalchemy import event
+
+    run = _trial(tracker)
+    engine = tracker.client._tracking_client.store.engine  # the SQLite store's
+
+    def interrupt(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.startswith("INSERT INTO metrics"):  # written, not yet committed
+            os.kill(os.getpid(), signal.SIGINT)
+
+    event.listen(engine, "after_cursor_execute", interrupt)
+    try:
+        run.log_metrics({"val_f1": 0.5}, step=1)
+    except KeyboardInterrupt:
+        event.remove(engine, "after_cursor_execute", interrupt)
+        run.finish("FAIL", "interrupted", "KILLED")  # as run_trial's handler does
+    else:
+        pytest.fail("Ctrl-C was not raised")
+
+    logged = tracker.client.get_run(run.run_id)
+    assert logged.info.status == "KILLED" and logged.data.tags[TAG_STATE] == "FAIL"
+    assert logged.data.metrics == {"val_f1": 0.5}  # the write under way was completed

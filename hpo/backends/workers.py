@@ -39,6 +39,7 @@ import numpy as np
 
 from hpo.backends.base import SearchObserver, counts_as_finished
 from hpo.devices import Slot, apply_slot
+from hpo.interrupts import interrupts_held
 from hpo.objective import (
     INTERRUPTED,
     WORKER_LOST,
@@ -117,23 +118,12 @@ def study_lock(path: Path) -> Iterator[None]:
     recorded (a trial without host and pid could not be recovered).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _interrupts_deferred(), open(path, "a") as handle:
+    with interrupts_held(), open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT back until the block ends, when it is delivered. Only in the main thread
-    (where the loops run): another thread's mask does not stop the main thread's handler."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 # -- lost trials ----------------------------------------------------------------------------------
@@ -308,8 +298,9 @@ class TrialLoop:
         self.observer.trial_started(trial.number, trial.params)
 
         def should_prune(epoch: int, value: float) -> bool:
-            trial.report(value, step=epoch)
-            return trial.should_prune()
+            with interrupts_held():  # an RDB storage is written
+                trial.report(value, step=epoch)
+                return trial.should_prune()
 
         # Optuna prunes single-objective studies only (Trial.report refuses several).
         pruning = None if spec.objectives else should_prune
@@ -317,26 +308,28 @@ class TrialLoop:
         with get_heartbeat_thread(trial._trial_id, self.study._storage):
             outcome = run_trial(self.ctx, trial.number, trial.params, pruning,
                                 self.observer.epoch_finished, self.placement)
-        try:
-            for key, value in (("mlflow_run_id", outcome.run_id),
-                               ("fail_reason", outcome.fail_reason),
-                               ("value", outcome.value), ("best_epoch", outcome.best_epoch),
-                               ("epochs", outcome.epochs), ("seconds", outcome.seconds),
-                               ("test", headline_test(outcome.test, spec.objective) or None)):
-                if value is not None:
-                    trial.set_user_attr(key, value)
-            if outcome.state == "COMPLETE":
-                self.study.tell(trial, outcome.values if spec.objectives else outcome.value)
-            else:
-                self.study.tell(trial, state=TrialState[outcome.state])
-        except UpdateFinishedTrialError:
-            # Another process took this worker for lost (a heartbeat missed for longer than
-            # the grace period): its retry runs the parameters again; this result is dropped.
-            log.warning("trial %d was failed as lost while it ran; its result is not kept",
-                        trial.number)
-            self.trial = None
-            return
-        self.trial = None  # told: an interrupt from here on has nothing to tell
+        # A trial that has ended is told so whole: Ctrl-C from here waits until it is.
+        with interrupts_held():
+            try:
+                for key, value in (("mlflow_run_id", outcome.run_id),
+                                   ("fail_reason", outcome.fail_reason),
+                                   ("value", outcome.value), ("best_epoch", outcome.best_epoch),
+                                   ("epochs", outcome.epochs), ("seconds", outcome.seconds),
+                                   ("test", headline_test(outcome.test, spec.objective) or None)):
+                    if value is not None:
+                        trial.set_user_attr(key, value)
+                if outcome.state == "COMPLETE":
+                    self.study.tell(trial, outcome.values if spec.objectives else outcome.value)
+                else:
+                    self.study.tell(trial, state=TrialState[outcome.state])
+            except UpdateFinishedTrialError:
+                # Another process took this worker for lost (a heartbeat missed for longer than
+                # the grace period): its retry runs the parameters again; this result is dropped.
+                log.warning("trial %d was failed as lost while it ran; its result is not kept",
+                            trial.number)
+                self.trial = None
+                return
+            self.trial = None  # told: an interrupt from here on has nothing to tell
         self.observer.trial_finished(outcome)
 
 
