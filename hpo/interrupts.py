@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-_depth = 0  # how many interrupts_held blocks the main thread is in
+_holding = False  # whether the main thread is in an interrupts_held block
 
 
 @contextmanager
@@ -24,8 +24,8 @@ def interrupts_held() -> Iterator[None]:
     in place. Only the main thread can be interrupted, so elsewhere this does nothing; blocks
     nest. The handler is swapped rather than the signal masked: a masked signal goes to another
     thread (torch starts some), and the main thread's handler runs all the same."""
-    global _depth
-    if _depth or threading.current_thread() is not threading.main_thread():
+    global _holding
+    if _holding or threading.current_thread() is not threading.main_thread():
         yield
         return
     handler = signal.getsignal(signal.SIGINT)
@@ -34,11 +34,11 @@ def interrupts_held() -> Iterator[None]:
         return
     caught: list[FrameType | None] = []
     signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
-    _depth += 1
+    _holding = True
     try:
         yield
     finally:
-        _depth -= 1
+        _holding = False
         signal.signal(signal.SIGINT, handler)
         if caught:
             handler(signal.SIGINT, caught[0])
