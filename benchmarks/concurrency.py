@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import queue
 import sys
 import time
@@ -48,6 +47,7 @@ from imgcls.errors import ImgclsError, first_line
 from imgcls.models import build_model, check_image_size
 from imgcls.train import seed_everything, train_one_epoch
 from imgcls.train.accel import Acceleration
+from imgcls.train.runtime import available_cores
 
 LR = 0.01  # SGD learning rate, as a default trial
 MOMENTUM = 0.9
@@ -173,12 +173,6 @@ def measure(k: int, settings: Settings) -> list[Outcome]:
     return sorted(outcomes, key=lambda o: o.rank)
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
           f"on {args.device}")
     rates: dict[int, float] = {}
     for k in counts:
-        threads = max(1, cores() // k) if args.device == "cpu" else torch.get_num_threads()
+        threads = (max(1, available_cores() // k) if args.device == "cpu"
+                   else torch.get_num_threads())
         settings = Settings(args.device, args.arch, args.image_size, args.batch_size,
                             args.images, args.warmup, args.seconds, args.compile, threads,
                             args.seed)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import tempfile
 import time
@@ -60,6 +59,7 @@ from imgcls.errors import DataError, ImgclsError
 from imgcls.models import build_model, check_image_size
 from imgcls.train import seed_everything, train_one_epoch
 from imgcls.train.accel import Acceleration
+from imgcls.train.runtime import available_cores
 
 LR = 0.01  # SGD learning rate, as the reference projects train
 MOMENTUM = 0.9
@@ -67,13 +67,6 @@ CPU_TARGET = 1.8  # b/a on the CPU: decoding once saves the per-epoch JPEG work,
 CUDA_TARGET = 10.0  # b/a on CUDA: the GPU outruns a few decoding workers by far
 BOUND_TARGET = 0.95  # b/c: the data path may cost at most 5% of a step
 
-
-def cores() -> int:
-    """CPU cores this process may run on (what a DataLoader can use)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -212,8 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default cuda when available, else cpu")
-    parser.add_argument("--loader-workers", type=int, default=cores(),
-                        help=f"DataLoader processes for (a) (default: the cores, {cores()})")
+    parser.add_argument("--loader-workers", type=int, default=available_cores(),
+                        help="DataLoader processes for (a) (default: the cores, "
+                             f"{available_cores()})")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model of (b) and (c) through Acceleration")
     parser.add_argument("--seed", type=int, default=0, help="default 0")

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Target, header, report
 from searches import EpochCounter, best_value, search_untracked, study_spec
 
-from hpo.backends.optuna_samplers import PRUNERS
-from hpo.store import Store
-from hpo.study import StudySpec
+from hpo.config.store import Store
+from hpo.config.study import StudySpec
+from hpo.search.backends.optuna.pruners import PRUNERS
 from imgcls.errors import ConfigError
 
 TARGET_EPOCHS = 0.40  # pruned epochs / unpruned epochs

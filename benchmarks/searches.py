@@ -13,14 +13,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import hpo.objective
-from hpo.backends import NullObserver, SearchObserver
-from hpo.devices import plan_slots
-from hpo.objective import StudyContext, TrialOutcome
-from hpo.search import prepare_search
-from hpo.space import Scalar
-from hpo.store import Store
-from hpo.study import StudySpec, load_study
+import hpo.search.trial
+from hpo.config.space import Scalar
+from hpo.config.store import Store
+from hpo.config.study import StudySpec, load_study
+from hpo.config.trial import TrialOutcome
+from hpo.search.devices import plan_slots
+from hpo.search.events import NullObserver, SearchObserver
+from hpo.search.run import prepare_search
+from hpo.search.trial import StudyContext
 
 
 def study_spec(name: str, overrides: Mapping[str, Any]) -> StudySpec:
@@ -67,7 +68,7 @@ def fit_seconds() -> Iterator[list[float]]:
     interval a tracked trial logs as `train_seconds`. Trials must train in this process (one
     slot), as they do on a CPU-only machine with workers=1."""
     seconds: list[float] = []
-    original = hpo.objective.fit
+    original = hpo.search.trial.fit
 
     def timed_fit(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -76,11 +77,11 @@ def fit_seconds() -> Iterator[list[float]]:
         finally:
             seconds.append(time.perf_counter() - start)
 
-    hpo.objective.fit = timed_fit  # type: ignore[assignment]
+    hpo.search.trial.fit = timed_fit  # type: ignore[assignment]
     try:
         yield seconds
     finally:
-        hpo.objective.fit = original  # type: ignore[assignment]
+        hpo.search.trial.fit = original  # type: ignore[assignment]
 
 
 def best_value(trials: list[TrialOutcome], spec: StudySpec) -> float | None:

@@ -6,7 +6,7 @@ batch size 64 for --max-epochs epochs, early stopping off (patience = max_epochs
 of training per trial on 2 idle cores. Only the continuous hyperparameters (lr, momentum,
 weight decay, dropout, label smoothing) are sampled; they do not change the cost of an epoch.
 
-It runs twice, each in a fresh temporary store: (i) tracked, `hpo.search.run_search` as
+It runs twice, each in a fresh temporary store: (i) tracked, `hpo.search.run.run_search` as
 `imgcls-hpo search` runs it; (ii) untracked, the same spec with MLflow tracking switched off
 (benchmarks/searches.py: `search_untracked`). Both draw the same trials. Before either, untimed:
 the decoded-image cache of both stores is filled and a 1-epoch trial warms torch up (the first
@@ -43,12 +43,13 @@ import torch
 from common import Target, header, median, report
 from searches import EpochCounter, fit_seconds, search_untracked, study_spec
 
-from hpo.objective import StudyContext, TrialOutcome, run_trial
-from hpo.search import run_search
-from hpo.space import Scalar
-from hpo.store import Store
-from hpo.study import StudySpec
-from hpo.tracking import Tracker
+from hpo.config.space import Scalar
+from hpo.config.store import Store
+from hpo.config.study import StudySpec
+from hpo.config.trial import TrialOutcome
+from hpo.search.run import run_search
+from hpo.search.trial import StudyContext, run_trial
+from hpo.tracking.client import Tracker
 from imgcls.data import prepare_data
 
 TARGET_OVERHEAD = 0.05  # share of a tracked search's wall time not spent training

@@ -1,14 +1,23 @@
 """hpo: hyperparameter search over imgcls training, tracked in MLflow.
 
-Importing hpo imports neither optuna nor mlflow: they load when a search or a tracker starts.
+The folders are the architecture, in the order a study flows through them:
+
+    config/     what a search is asked to do: space, hyperparameters, study spec, store, and the
+                trial vocabulary (TrialState, TrialOutcome, Trials); no backend, no torch
+    search/     running it: the search run, THE trial function, devices, interrupts, and the
+                backends (optuna/, ray/), each imported only when chosen
+    tracking/   every MLflow call: study and trial runs, models logged into runs, the registry,
+                a study read back from the store
+    after/      what comes after a search: results, promote, the served model; never search/
+    cli/        the `imgcls-hpo` command line and its live progress view
+
+Importing hpo imports none of them; `from hpo import StudySpec` loads hpo.config only.
 """
 
-from hpo.space import Choice, Fixed, FloatRange, IntRange, SearchSpace, SpaceError, parse_param
-from hpo.store import Store
-from hpo.study import HParams, StudyError, StudySpec, find_study, known_studies, load_study
+from imgcls.lazy import lazy_exports
 
-__all__ = [
-    "Choice", "Fixed", "FloatRange", "HParams", "IntRange", "SearchSpace", "SpaceError",
-    "Store", "StudyError", "StudySpec", "find_study", "known_studies", "load_study",
-    "parse_param",
-]
+_CONFIG = ("Choice", "Fixed", "FloatRange", "HParams", "IntRange", "SearchSpace", "SpaceError",
+           "Store", "StudyError", "StudySpec", "TrialOutcome", "TrialState", "Trials",
+           "find_study", "known_studies", "load_study", "parse_param")
+__all__ = sorted(_CONFIG)
+__getattr__ = lazy_exports(__name__, dict.fromkeys(_CONFIG, "hpo.config"))

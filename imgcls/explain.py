@@ -28,31 +28,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from imgcls.errors import ConfigError, DataError
-from imgcls.models import MODELS, head_module
+from imgcls.models.builders import head_module
+from imgcls.models.catalog import MODELS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from imgcls.predict import Predictor
-
-# Architecture -> dotted path of the module whose output is its last convolutional feature map:
-# it runs after every convolution and has the last convolution's resolution. Where a max-pool
-# follows the last convolution (simplecnn, VGG), the map is taken before it: the pool halves the
-# resolution of the heatmap and adds no evidence. None: the network has no such map.
-CAM_LAYERS: dict[str, str | None] = {
-    "simplecnn": "features.10",  # the last ReLU, before the last 2x max-pool
-    "resnet18": "layer4",
-    "resnet34": "layer4",
-    "resnet50": "layer4",
-    "resnet101": "layer4",
-    "vgg11_bn": "features.27",  # the last ReLU, before the last 2x max-pool
-    "vgg16_bn": "features.42",  # the last ReLU, before the last 2x max-pool
-    "densenet121": "features",  # ends with norm5; the ReLU after it is functional
-    "efficientnet_b0": "features",  # ends with the 1x1 conv to 1280 channels, BN, SiLU
-    "mobilenet_v3_large": "features",  # ends with the 1x1 conv to 960 channels, BN, Hardswish
-    "convnext_tiny": "features",  # the last stage, (N, 768, H/32, W/32)
-    "vit_b_16": None,  # its one convolution only cuts the image into patches
-}
 
 MIN_TSNE_IMAGES = 5  # below this a 2-D neighbourhood map shows nothing (and PCA init fails)
 MAX_PERPLEXITY = 30.0  # scikit-learn's default, for larger sets
@@ -68,32 +50,20 @@ class GradCam:
 
 
 def cam_layer(arch: str) -> str:
-    """The dotted path of `arch`'s last convolutional feature map (see CAM_LAYERS).
+    """The dotted path of the module whose output is `arch`'s last convolutional feature map
+    (the catalog's `cam_layer`): it runs after every convolution and has the last convolution's
+    resolution. Where a max-pool follows the last convolution (simplecnn, VGG), the map is taken
+    before it: the pool halves the heatmap's resolution and adds no evidence.
 
     Raises ConfigError for an unknown architecture (listing the known ones) and for one that has
     no convolutional feature map (a vision transformer).
     """
-    MODELS.entry(arch)  # an unknown name raises, listing the registered ones
-    if arch not in CAM_LAYERS:
-        raise ConfigError(f"Grad-CAM does not know the last convolutional layer of {arch}; "
-                          f"add it to imgcls.explain.CAM_LAYERS")
-    layer = CAM_LAYERS[arch]
+    layer = MODELS.get(arch).cam_layer  # an unknown name raises, listing the registered ones
     if layer is None:
-        cnns = ", ".join(name for name, path in CAM_LAYERS.items() if path is not None)
+        cnns = ", ".join(a.name for a in (e.obj for e in MODELS) if a.cam_layer is not None)
         raise ConfigError(f"Grad-CAM needs a convolutional network and {arch} is a vision "
                           f"transformer; explain a model of a CNN architecture ({cnns})")
     return layer
-
-
-def grad_cam(model: nn.Module, arch: str, x: Tensor,
-             target: int | Sequence[int] | Tensor | None = None,
-             batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM heatmaps, float32 (N, H, W) in [0, 1], for the normalized images `x`.
-
-    target: the class to explain, one for all images or one per image; None = each image's
-        predicted class. See `compute_grad_cam`.
-    """
-    return compute_grad_cam(model, arch, x, target, batch_size).heatmaps
 
 
 def compute_grad_cam(model: nn.Module, arch: str, x: Tensor,

@@ -17,29 +17,55 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import confusion_matrix as _confusion_matrix
 
 from imgcls.errors import ConfigError
 
 Direction = Literal["max", "min"]
 
+# The one table of which way is better, for every metric the project logs.
+# Scores of a set of images, the same for every split (train_, val_, test_); `loss` is the mean
+# cross-entropy of a training or validation epoch, `log_loss` the same on the test images.
+SCORES: dict[str, Direction] = {
+    "loss": "min", "log_loss": "min", "acc": "max", "bal_acc": "max", "f1": "max",
+    "kappa": "max", "auc": "max", "sens": "max", "spec": "max",
+}
+# What a model and its training cost, and how fast it trained.
+COSTS: dict[str, Direction] = {
+    "params_count": "min", "flops": "min", "macs": "min",  # the model's size, cost per image
+    "train_seconds": "min", "peak_memory_mb": "min",  # what training it took
+    "train_images_per_s": "max", "data_wait_frac": "min",  # the pace of its epochs
+}
+# Of those, the model's own cost: what a Pareto search may trade a score against.
+MODEL_COSTS = ("flops", "macs", "params_count")
+
 # Every per-epoch metric the engine logs, and which way is better.
 EPOCH_METRICS: dict[str, Direction] = {
-    "train_loss": "min",
-    "train_acc": "max",
-    "val_loss": "min",
-    "val_acc": "max",
-    "val_bal_acc": "max",
-    "val_f1": "max",
-    "val_sens": "max",
-    "val_spec": "max",
-    "val_auc": "max",
+    name: SCORES[name.split("_", 1)[1]] for name in (
+        "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "val_f1", "val_sens",
+        "val_spec", "val_auc")
 }
+# Logged every epoch besides those: each trial's last value describes its last epoch only.
+EPOCH_LOGGED = frozenset({*EPOCH_METRICS, "lr", "train_images_per_s", "data_wait_frac"})
 # What a study may optimize and early stopping may watch: validation metrics only, since the
 # training metrics reward memorisation and the test split never drives selection.
 OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m.startswith("val_"))
 # Sensitivity and specificity need one positive class: only a two-class task reports them.
 BINARY_ONLY = frozenset({"sens", "spec"})
+
+
+def metric_goal(name: str) -> Direction:
+    """Which way is better for any metric a trial logs: an epoch's (val_f1), a summary
+    (best_val_f1, min_val_loss), a test score or its interval (test_auc_ci_low), a cost (flops,
+    peak_memory_mb). ConfigError for a name with no better side (lr, best_epoch) or unknown."""
+    base = name.removeprefix("best_").removeprefix("min_")
+    base = base.removesuffix("_ci_low").removesuffix("_ci_high")
+    if base in COSTS:
+        return COSTS[base]
+    split, _, score = base.partition("_")
+    if split in ("train", "val", "test") and score in SCORES:
+        return SCORES[score]
+    raise ConfigError(f"metric {name!r} has no better direction to rank by (rankable: scores "
+                      f"such as val_f1, best_val_f1, test_auc; costs: {', '.join(COSTS)})")
 
 
 def metric_direction(name: str) -> Direction:
@@ -165,7 +191,9 @@ test_metrics.__test__ = False  # type: ignore[attr-defined]  # a library functio
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    return _confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+    """Counts (K, K): rows the true class, columns the predicted one, every class listed."""
+    pair = np.asarray(y_true, dtype=np.int64) * num_classes + np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(pair, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray, num_classes: int, positive: int

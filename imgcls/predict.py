@@ -22,7 +22,6 @@ Edge policies, decided here:
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,12 +35,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgcls.data import PreparedData
 from imgcls.data.batches import Batches
 from imgcls.data.cache import Progress, to_array
+from imgcls.data.prepare import PreparedData
 from imgcls.data.sources import IMAGE_EXTENSIONS, images_below, listing
 from imgcls.errors import ConfigError, DataError, first_line
-from imgcls.models import build_model
+from imgcls.models.build import build_model
+from imgcls.report import write_predictions
 
 __all__ = [
     "UNKNOWN", "ImageInput", "Prediction", "Predictor", "Preprocessing", "image_files",
@@ -326,22 +326,18 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path,
     """One row per prediction: file, prediction, probability, p_<class> per class, error.
     Probabilities to 6 decimals; an unreadable file has empty prediction and probability cells
     and its reason under error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = [str(c) for c in classes]
-    with path.open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["file", "prediction", "probability", *(f"p_{c}" for c in names), "error"])
-        for p in predictions:
-            if not p.readable:
-                out.writerow([p.file, "", "", *([""] * len(names)), p.error or ""])
-                continue
-            if list(p.probabilities) != names:
-                raise ValueError(f"{p.file} has probabilities for {list(p.probabilities)}, "
-                                 f"not for the classes {names}")
-            out.writerow([p.file, p.prediction, f"{p.probability:.6f}",
-                          *(f"{p.probabilities[c]:.6f}" for c in names), p.error or ""])
-    return path
+    probs = np.full((len(predictions), len(names)), np.nan)
+    for i, p in enumerate(predictions):
+        if not p.readable:
+            continue
+        if list(p.probabilities) != names:
+            raise ValueError(f"{p.file} has probabilities for {list(p.probabilities)}, "
+                             f"not for the classes {names}")
+        probs[i] = [p.probabilities[c] for c in names]
+    return write_predictions(path, [p.file for p in predictions], probs, names,
+                             predictions=[p.prediction for p in predictions],
+                             errors=[p.error for p in predictions])
 
 
 def summary(predictions: Sequence[Prediction]) -> dict[str, Any]:

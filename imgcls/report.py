@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.metrics import auc as _area
-from sklearn.metrics import classification_report as _classification_report
-from sklearn.metrics import roc_curve as _roc_curve
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -73,6 +70,9 @@ def roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
                positive: int = 1) -> list[RocCurve]:
     """Two classes: the one curve of `probs[:, positive]`. More: one curve per class, one vs
     the rest. A class without both positive and negative images has no curve and is left out."""
+    from sklearn.metrics import auc as _area
+    from sklearn.metrics import roc_curve as _roc_curve
+
     y, p = np.asarray(y_true), np.asarray(probs)
     scored = [positive] if len(classes) == 2 else range(len(classes))
     curves = []
@@ -134,6 +134,8 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: Sequen
     """scikit-learn's per-class precision, recall, F1 and support of the most probable class,
     as text and as a JSON-able dict. Every class is listed, even one absent from `y_true`
     (its scores are 0, not an error)."""
+    from sklearn.metrics import classification_report as _classification_report
+
     y_pred = np.asarray(probs).argmax(1)
     options: dict[str, Any] = dict(labels=list(range(len(classes))),
                                    target_names=[str(c) for c in classes], zero_division=0)
@@ -142,24 +144,40 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: Sequen
     return text, _plain(table)
 
 
-def write_predictions(path: str | Path, ids: Sequence[str | Path], y_true: np.ndarray | None,
-                      probs: np.ndarray, classes: Sequence[str]) -> Path:
-    """One CSV row per image: `file` (its id), `label` (true class name; empty when `y_true` is
-    None), `prediction` (most probable class name), then `p_<class>` per class, 6 decimals."""
-    p = np.asarray(probs)
-    if p.shape != (len(ids), len(classes)) or (y_true is not None and len(y_true) != len(ids)):
-        raise ValueError(f"{len(ids)} ids, {'no' if y_true is None else len(y_true)} labels "
-                         f"and probs of shape {p.shape} for {len(classes)} classes do not match")
+def write_predictions(path: str | Path, files: Sequence[str | Path], probs: np.ndarray,
+                      classes: Sequence[str], *, labels: np.ndarray | None = None,
+                      predictions: Sequence[str | None] | None = None,
+                      errors: Sequence[str | None] | None = None) -> Path:
+    """One CSV row per image: `file`, `label` (the true class, with `labels`), `prediction` (the
+    most probable class, unless `predictions` says otherwise: "unknown" below a threshold),
+    `probability` (of the most probable class), `p_<class>` per class, to 6 decimals, and
+    `error` (with `errors`). A row of NaN probabilities is an image that could not be read: its
+    prediction and probability cells are empty."""
+    p = np.asarray(probs, dtype=np.float64)
+    n = len(files)
+    if p.size == 0:  # no images: an empty table with its header
+        p = p.reshape(0, len(classes))
+    if p.shape != (n, len(classes)) or any(
+            extra is not None and len(extra) != n for extra in (labels, predictions, errors)):
+        given = "no" if labels is None else len(labels)
+        raise ValueError(f"{n} ids, {given} labels and probs of shape {np.shape(probs)} for "
+                         f"{len(classes)} classes do not match")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [str(c) for c in classes]
+    header = ["file", *(["label"] if labels is not None else []), "prediction", "probability",
+              *(f"p_{c}" for c in names), *(["error"] if errors is not None else [])]
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["file", "label", "prediction", *(f"p_{c}" for c in names)])
+        out.writerow(header)
         for i, row in enumerate(p):
-            label = "" if y_true is None else names[int(y_true[i])]
-            out.writerow([str(ids[i]), label, names[int(row.argmax())],
-                          *(f"{v:.6f}" for v in row)])
+            readable = not np.isnan(row).any()
+            label = [] if labels is None else [names[int(labels[i])]]
+            chosen = predictions[i] if predictions is not None else names[int(row.argmax())]
+            cells = ([chosen or "", f"{row.max():.6f}", *(f"{v:.6f}" for v in row)] if readable
+                     else ["", "", *([""] * len(names))])
+            error = [] if errors is None else [errors[i] or ""]
+            out.writerow([str(files[i]), *label, *cells, *error])
     return path
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hpo.backends import NullObserver
-from hpo.store import Store
+from hpo.config.store import Store
+from hpo.search.events import NullObserver
 
 PATTERNS = ("rows", "columns", "diagonals")
 
@@ -59,7 +59,7 @@ def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow database with its tables made, once: creating one takes seconds."""
     from mlflow import MlflowClient
 
-    from hpo.tracking import quiet_mlflow
+    from hpo.tracking.client import quiet_mlflow
 
     quiet_mlflow()
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"

@@ -11,11 +11,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from hpo.backends import counts_as_finished
-from hpo.search import run_search
-from hpo.store import Store
-from hpo.study import load_study
-from hpo.tracking import fluent_tracking_uri
+from hpo.config.store import Store
+from hpo.config.study import load_study
+from hpo.search.run import run_search
+from hpo.tracking.client import fluent_tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def test_a_search_records_its_trials_in_the_mlflow_layout_and_resumes_to_the_tot
         backend: str, study_file: Path, store: Store) -> None:
     result = run_search(load_study(str(study_file), {"backend": backend, "trials": 3}), store)
     assert [t.number for t in result.trials] == [0, 1, 2]
-    assert all(counts_as_finished(t) for t in result.trials)
+    assert all(t.state.counts for t in result.trials)
     assert [t.state for t in result.trials] == ["COMPLETE"] * 3  # no pruner, 2 epochs
 
     (study_run,) = _runs(store, "study")

@@ -175,7 +175,7 @@ def test_unexpected_failures_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("hpo.search.run_search", broken)
+    monkeypatch.setattr("hpo.search.run.run_search", broken)
     result = runner.invoke(app, ["search", "digits"])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)

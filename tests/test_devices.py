@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hpo import devices
-from hpo.devices import GpuInfo, Slot, apply_slot, describe, discover_gpus, plan_slots
+from hpo.search import devices
+from hpo.search.devices import GpuInfo, Slot, apply_slot, discover_gpus, plan_slots
 from imgcls.errors import ConfigError
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -143,14 +143,6 @@ def test_trials_per_gpu_needs_gpus(fake_gpus: Callable) -> None:
 def test_counts_below_one_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"must be at least 1"):
         plan_slots("none", workers=0)
-
-
-def test_describe_states_the_plan(fake_gpus: Callable) -> None:
-    fake_gpus(2)
-    assert describe(plan_slots("all", trials_per_gpu=2)) == "2 GPUs x 2 trials = 4 slots"
-    assert describe(plan_slots("1")) == "1 GPU x 1 trial = 1 slot"
-    assert describe(plan_slots("none", workers=4, cpu_count=4)) == "4 CPU workers x 1 thread"
-    assert describe(plan_slots("none", cpu_count=6)) == "1 CPU worker x 6 threads"
 
 
 def test_apply_slot_pins_the_gpu_and_the_threads(monkeypatch: pytest.MonkeyPatch,

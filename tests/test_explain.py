@@ -13,10 +13,8 @@ from torch import Tensor, nn
 
 from imgcls.errors import ConfigError, DataError
 from imgcls.explain import (
-    CAM_LAYERS,
     cam_layer,
     compute_grad_cam,
-    grad_cam,
     overlay,
     penultimate_features,
     save_overlays,
@@ -73,7 +71,7 @@ def test_grad_cam_finds_the_square_the_prediction_depends_on(square_model, squar
     x, y, masks = square_test
     with torch.no_grad():
         assert (square_model(x).argmax(1) == y).float().mean() >= 0.95  # it learnt the task
-    heat = grad_cam(square_model, "simplecnn", x)
+    heat = compute_grad_cam(square_model, "simplecnn", x).heatmaps
     with_square = y.numpy() == 1
     for h, mask in zip(heat[with_square], masks[with_square], strict=True):
         # the square (3.5% of the image) is at least 3x hotter than the image on average
@@ -101,12 +99,13 @@ def test_grad_cam_shapes_ranges_and_targets(square_model, square_test):
     np.testing.assert_allclose(result.probabilities, probs, atol=1e-5)
     np.testing.assert_array_equal(result.targets, probs.argmax(1))
     # None explains the predicted class; an explicit target is used as given
-    given = grad_cam(square_model, "simplecnn", x, target=torch.from_numpy(probs.argmax(1)))
+    given = compute_grad_cam(square_model, "simplecnn", x,
+                             target=torch.from_numpy(probs.argmax(1))).heatmaps
     np.testing.assert_allclose(given, result.heatmaps, atol=1e-6)
     other = compute_grad_cam(square_model, "simplecnn", x, target=1)
     np.testing.assert_array_equal(other.targets, np.ones(32))
     with pytest.raises(ConfigError, match=r"target class 2 does not exist; .* classes 0..1"):
-        grad_cam(square_model, "simplecnn", x, target=2)
+        compute_grad_cam(square_model, "simplecnn", x, target=2)
 
 
 def test_grad_cam_leaves_the_model_as_it_was():
@@ -118,7 +117,7 @@ def test_grad_cam_leaves_the_model_as_it_was():
         before = model(x)
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    grad_cam(model, "simplecnn", x)
+    compute_grad_cam(model, "simplecnn", x)
     penultimate_features(model, "simplecnn", x)
     assert model.training  # mode restored
     for key, value in model.state_dict().items():  # BatchNorm statistics untouched: eval mode
@@ -139,25 +138,21 @@ def test_grad_cam_on_a_frozen_model_under_no_grad():
     assert not all(flags)  # the backbone is frozen
     with torch.inference_mode():
         x = torch.randn(3, 3, 16, 16)
-        heat = grad_cam(model, "simplecnn", x)
+        heat = compute_grad_cam(model, "simplecnn", x).heatmaps
     assert heat.shape == (3, 16, 16)
     assert np.isclose(heat.max(), 1)
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_every_architecture_has_a_cam_decision():
-    assert set(CAM_LAYERS) == set(MODELS.names())
-
-
 BIG = {"resnet101", "vgg11_bn", "vgg16_bn"}  # a second or more each to build on CPU
 CNNS = [pytest.param(name, marks=pytest.mark.slow) if name in BIG else name
-        for name, layer in CAM_LAYERS.items() if layer is not None]
+        for name in MODELS.names() if MODELS.get(name).cam_layer is not None]
 
 
 @pytest.mark.parametrize("arch", CNNS)
 def test_grad_cam_on_every_cnn_uses_its_last_feature_map(arch: str):
-    size = max(64, MODELS.entry(arch).meta["min_image_size"])
+    size = max(64, MODELS.get(arch).min_image_size)
     torch.manual_seed(0)
     model = build_model(arch, 2, in_channels=1, image_size=size).eval()
     target = model.get_submodule(cam_layer(arch))
@@ -177,7 +172,7 @@ def test_grad_cam_on_every_cnn_uses_its_last_feature_map(arch: str):
     target_shape = order[kinds.index("target")][1]
     assert len(target_shape) == 4 and target_shape[2:] == order[last_conv][1][2:]
 
-    heat = grad_cam(model, arch, torch.randn(2, 1, size, size))
+    heat = compute_grad_cam(model, arch, torch.randn(2, 1, size, size)).heatmaps
     assert heat.shape == (2, size, size)
     assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
 
@@ -186,7 +181,7 @@ def test_vision_transformer_is_refused_but_gives_features():
     model = build_model("vit_b_16", 2, in_channels=3, image_size=32).eval()
     x = torch.randn(5, 3, 32, 32)
     with pytest.raises(ConfigError, match=r"Grad-CAM needs a convolutional network.*vit_b_16"):
-        grad_cam(model, "vit_b_16", x)
+        compute_grad_cam(model, "vit_b_16", x)
     assert penultimate_features(model, "vit_b_16", x).shape == (5, 768)
     with pytest.raises(ConfigError, match="unknown architecture 'resnet19'"):
         cam_layer("resnet19")

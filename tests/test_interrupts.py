@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from hpo.interrupts import interrupts_held
+from hpo.tracking.interrupts import interrupts_held
 
 
 def _press_ctrl_c() -> None:

@@ -10,29 +10,34 @@ from torchvision import models as tvm
 
 from imgcls.errors import ConfigError
 from imgcls.models import (
+    BUILDERS,
     MODELS,
     build_model,
     check_image_size,
     freeze_backbone,
     head_module,
-    head_parameters,
+    smallest_image_size,
     weights_file,
 )
-from imgcls.profile import count_flops, count_parameters, profile_architecture, profile_model
+from imgcls.profile import (
+    count_flops,
+    count_parameters,
+    measure_architecture,
+    profile_architecture,
+    profile_model,
+    reference_profile,
+)
 
 # Over 2 s to build: a freshly initialised 25088x4096 linear layer.
 BIG = {"vgg11_bn", "vgg16_bn"}
-PRETRAINED = [e.name for e in MODELS if e.meta["weights"] is not None]
+PRETRAINED = [e.name for e in MODELS if e.obj.weights_url is not None]
 
 
 def names(selected: list[str], slow: set[str] = BIG) -> list[object]:
     return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in selected]
 
 
-def smallest_size(name: str) -> int:
-    """The smallest side `name` accepts: its floor, rounded up to its multiple."""
-    meta = MODELS.entry(name).meta
-    return -(-meta["min_image_size"] // meta["multiple_of"]) * meta["multiple_of"]
+smallest_size = smallest_image_size
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +73,10 @@ def test_every_architecture_adapts_to_classes_and_channels(
 
 
 @pytest.mark.parametrize("name", names(
-    [e.name for e in MODELS if e.meta["min_image_size"] > 1 and e.meta["multiple_of"] == 1]))
+    [e.name for e in MODELS if e.obj.min_image_size > 1 and e.obj.multiple_of == 1]))
 def test_the_image_size_floor_is_real(name: str, rgb_model: Callable[[str], nn.Module]) -> None:
     # metadata is checked, not trusted: one pixel below the floor the network does break
-    floor = MODELS.entry(name).meta["min_image_size"]
+    floor = MODELS.get(name).min_image_size
     with pytest.raises(RuntimeError):
         rgb_model(name)(torch.zeros(1, 3, floor - 1, floor - 1))
     with pytest.raises(ConfigError, match=rf"^{name} needs images of at least {floor}px \(.+\); "
@@ -112,11 +117,34 @@ def test_resnet50_matches_its_published_size() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_sizes_match_torchvisions_metadata(name: str) -> None:
-    weights = MODELS.entry(name).meta["weights"]
-    profile = profile_architecture(name, num_classes=1000, in_channels=3, image_size=224)
+    weights = tvm.get_model_weights(name).DEFAULT
+    assert MODELS.get(name).weights_url == weights.url
+    profile = measure_architecture(name, num_classes=1000, in_channels=3, image_size=224)
     assert profile.params == weights.meta["num_params"]
     # torchvision's "GFLOPS" count multiply-accumulates, rounded to 3 decimals
     assert abs(profile.macs / 1e9 - weights.meta["_ops"]) <= 0.0005 + 1e-9
+
+
+def test_every_architecture_of_the_catalog_has_a_builder() -> None:
+    assert BUILDERS.names() == MODELS.names()
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize(("classes", "channels"), [(1000, 3), (2, 1), (7, 4)])
+def test_the_catalogs_costs_are_what_a_built_model_counts(name: str, classes: int,
+                                                          channels: int) -> None:
+    # metadata is checked, not trusted: built (on the meta device, which the next test shows
+    # counts as a real model does) and counted
+    counted = measure_architecture(name, classes, channels, 224)
+    assert reference_profile(name, classes, channels) == counted
+    assert profile_architecture(name, classes, channels, 224) == counted
+
+
+@pytest.mark.parametrize("name", ["simplecnn", "resnet18", "convnext_tiny", "vit_b_16"])
+def test_a_model_built_on_the_meta_device_counts_as_a_real_one(name: str) -> None:
+    size = max(smallest_size(name), 48)
+    counted = profile_model(build_model(name, 3, 1, image_size=size), name, 1, size)
+    assert measure_architecture(name, 3, 1, size) == counted
 
 
 def test_flops_are_counted_not_estimated() -> None:
@@ -269,7 +297,7 @@ def test_every_architecture_loads_its_weights_file(name: str, hub: Path) -> None
     model = build_model(name, 2, in_channels=1, dropout=0.1, image_size=size,
                         pretrained=True).eval()
     assert model(torch.zeros(2, 1, size, size)).shape == (2, 2)
-    head = MODELS.entry(name).meta["head"]
+    head = MODELS.get(name).head
     first_conv = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     assert torch.allclose(model.get_submodule(first_conv).weight,
                           saved[f"{first_conv}.weight"].sum(dim=1, keepdim=True))
@@ -301,7 +329,7 @@ def test_a_frozen_backbone_leaves_only_the_head_trainable(hub: Path) -> None:
     model = build_model("resnet18", 3, pretrained=True, freeze=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.1.weight", "fc.1.bias"}
-    assert [id(p) for p in head_parameters(model, "resnet18")] == [
+    assert [id(p) for p in head_module(model, "resnet18").parameters()] == [
         id(p) for p in model.parameters() if p.requires_grad]
     model(torch.rand(2, 3, 32, 32)).sum().backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
@@ -311,6 +339,6 @@ def test_a_frozen_backbone_leaves_only_the_head_trainable(hub: Path) -> None:
 def test_freezing_works_without_pretrained_weights(name: str) -> None:
     model = build_model(name, 2, image_size=smallest_size(name))
     freeze_backbone(model, name)
-    head = MODELS.entry(name).meta["head"]
+    head = MODELS.get(name).head
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"{head}.1.weight", f"{head}.1.bias"]

@@ -7,10 +7,11 @@ import mlflow
 import pytest
 import torch
 
-from hpo.objective import StudyContext, run_trial
-from hpo.store import Store
-from hpo.study import load_study
-from hpo.tracking import Tracker, fluent_tracking_uri
+from hpo.config.store import Store
+from hpo.config.study import load_study
+from hpo.search.trial import StudyContext, run_trial
+from hpo.tracking.client import Tracker, fluent_tracking_uri
+from hpo.tracking.runs import open_study_run
 from imgcls.data import prepare_data
 
 
@@ -20,7 +21,7 @@ def ctx(study_file: Path, store: Store) -> StudyContext:
     data = prepare_data(spec.data, spec.seed)
     tracker = Tracker(store.tracking_uri, store.artifact_root)
     experiment = tracker.experiment(spec.name)
-    parent, _ = tracker.open_study_run(experiment, spec.name, None, spec.as_params())
+    parent, _ = open_study_run(tracker, experiment, spec.name, None, spec.as_params())
     return StudyContext(spec, data, torch.device("cpu"), tracker, experiment, parent)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hpo.store import Store
+from hpo.config.store import Store
 from imgcls.data import Batches, DataConfig, prepare_data
 from imgcls.errors import ConfigError, DataError
 from imgcls.models import build_model
@@ -287,9 +287,9 @@ def test_a_logged_trial_model_predicts_its_test_images_as_its_run_recorded(
     import mlflow
     from mlflow import MlflowClient
 
-    from hpo.search import run_search
-    from hpo.study import load_study
-    from hpo.tracking import fluent_tracking_uri
+    from hpo.config.study import load_study
+    from hpo.search.run import run_search
+    from hpo.tracking.client import fluent_tracking_uri
 
     result = run_search(load_study(str(study_file), {"trials": 1}), store)
     run_id = result.trials[0].run_id

@@ -14,21 +14,19 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from hpo import devices
-from hpo.backends import NullObserver, ray_backend
-from hpo.backends.ray_backend import (
-    RayBackend,
-    from_ray,
-    make_scheduler,
-    plan_placement,
-    pruner_name,
-    to_ray,
-)
-from hpo.objective import TrialOutcome
-from hpo.search import run_search
-from hpo.space import Choice, FloatRange, IntRange, SearchSpace
-from hpo.store import Store
-from hpo.study import StudyError, load_study
+from hpo.config.space import Choice, FloatRange, IntRange, SearchSpace
+from hpo.config.store import Store
+from hpo.config.study import StudyError, load_study
+from hpo.config.trial import TrialOutcome, TrialState
+from hpo.search import devices
+from hpo.search.backends.optuna.pruners import PRUNERS
+from hpo.search.backends.ray import backend as ray_backend
+from hpo.search.backends.ray.backend import RayBackend
+from hpo.search.backends.ray.placement import plan_placement
+from hpo.search.backends.ray.schedulers import SCHEDULERS, make_scheduler
+from hpo.search.backends.ray.space import from_ray, to_ray
+from hpo.search.events import NullObserver
+from hpo.search.run import run_search
 from imgcls.errors import ConfigError
 from tests.conftest import InterruptAt
 
@@ -93,8 +91,9 @@ def test_a_trial_config_comes_back_typed_and_inside_the_bounds() -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ({"sampler": "cmaes"}, "the Ray backend samples with tpe or random, not 'cmaes'"),
-    ({"pruner": "pbt"}, "pruner 'pbt' is not available with the Ray backend: Population Based"),
-    ({"pruner": "percentile"}, r"unknown Ray pruner 'percentile' \(known: asha, hyperband, none"),
+    ({"pruner": "median"}, r"pruner 'median' is not available with the Ray backend: Tune has "
+                           r"no scheduler .*; use --pruner sha, hyperband, none"),
+    ({"pruner": "pbt"}, r"unknown Ray pruner 'pbt' \(known: sha, hyperband, none"),
     ({"objective": ["val_f1:max", "flops:min"]}, "Pareto.* runs on the Optuna backend"),
     ({"ray_address": "10.0.0.1:6379", "gpus": "0,1"},
      "--gpus 0,1 names this machine's GPUs, but trials run on the Ray cluster"),
@@ -106,17 +105,43 @@ def test_settings_ray_cannot_honour_fail_before_any_data_is_read(
         RayBackend().check(spec)
 
 
-def test_the_study_default_pruner_runs_as_asha_on_epochs(study_file: Path) -> None:
-    assert pruner_name("median") == "asha" and pruner_name("sha") == "asha"
-    spec = load_study(str(study_file), {"backend": "ray", "pruner": "median", "max_epochs": 20})
-    asha = make_scheduler(spec)
-    assert type(asha).__name__ == "AsyncHyperBandScheduler"
-    assert (asha._time_attr, asha._max_t) == ("epoch", 20)
-    assert [rung for rung, _ in asha._brackets[0]._rungs] == [12, 3]  # grace 3, factor 4
-    hyperband = make_scheduler(spec.model_copy(update={"pruner": "hyperband"}))
-    assert len(hyperband._brackets) == 3
-    assert type(make_scheduler(spec.model_copy(update={"pruner": "none"}))).__name__ == \
-        "FIFOScheduler"
+def _optuna_rungs(pruner: Any, max_epochs: int) -> list[list[int]]:
+    """The epochs at which each bracket of an Optuna successive-halving or HyperBand pruner
+    compares trials, read from its own objects (Optuna 5's private attributes)."""
+    import optuna
+
+    study = optuna.create_study(pruner=pruner)
+    pruner._try_initialization(study) if hasattr(pruner, "_try_initialization") else None
+    halvings = getattr(pruner, "_pruners", None) or [pruner]
+    rungs = []
+    for sha in halvings:
+        low, factor = sha._min_resource, sha._reduction_factor
+        start = sha._min_early_stopping_rate
+        rungs.append([low * factor ** (start + k) for k in range(8)
+                      if low * factor ** (start + k) < max_epochs])
+    return rungs
+
+
+@pytest.mark.parametrize("max_epochs", [3, 10, 30])
+@pytest.mark.parametrize("name", ["sha", "hyperband"])
+def test_a_pruner_name_compares_at_the_same_epochs_on_both_backends(
+        study_file: Path, name: str, max_epochs: int) -> None:
+    spec = load_study(str(study_file), {"backend": "ray", "pruner": name,
+                                        "max_epochs": max_epochs})
+    tune = make_scheduler(spec)
+    assert type(tune).__name__ == "AsyncHyperBandScheduler"
+    assert (tune._time_attr, tune._max_t) == ("epoch", max_epochs)
+    # the epochs before the last, where a trial can be stopped early (after its last epoch it
+    # completes on both)
+    ray_rungs = [sorted(rung for rung, _ in bracket._rungs if rung < max_epochs)
+                 for bracket in tune._brackets]
+    assert ray_rungs == _optuna_rungs(PRUNERS.get(name)(max_epochs), max_epochs)
+
+
+def test_only_pruners_both_backends_mean_alike_run_on_ray(study_file: Path) -> None:
+    assert set(SCHEDULERS.names()) <= set(PRUNERS.names())  # the same names, no Ray-only ones
+    spec = load_study(str(study_file), {"backend": "ray", "pruner": "none"})
+    assert type(make_scheduler(spec)).__name__ == "FIFOScheduler"
 
 
 def test_a_stored_ray_study_keeps_its_objective(study_file: Path, store: Store) -> None:
@@ -167,7 +192,9 @@ def test_a_local_runtime_is_planned_before_search_pins_its_process(
 
 @pytest.mark.slow
 def test_importing_hpo_does_not_import_ray() -> None:
-    code = "import sys, hpo, hpo.backends, hpo.search; print('ray' in sys.modules)"
+    code = ("import sys, hpo, hpo.search.backends, hpo.search.run\n"
+            "from hpo.search.backends.ray.schedulers import SCHEDULERS\n"
+            "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -236,7 +263,7 @@ def test_an_interrupted_search_resumes_without_counting_the_interrupted_trial(
 
     result = run_search(spec, store)
     assert [(t.number, t.state, t.fail_reason) for t in result.trials] == [
-        (0, "COMPLETE", None), (1, "FAIL", "interrupted"), (2, "COMPLETE", None)]
+        (0, "COMPLETE", None), (1, TrialState.INTERRUPTED, "interrupted"), (2, "COMPLETE", None)]
     (study_run,) = _runs(store, "study")
     assert study_run.info.status == "FINISHED"
     assert sorted(r.info.status for r in _runs(store, "trial")) == [
@@ -250,10 +277,10 @@ def test_an_interrupted_search_resumes_without_counting_the_interrupted_trial(
 DRIVER = """\
 import sys, time
 from pathlib import Path
-from hpo.backends import NullObserver
-from hpo.search import run_search
-from hpo.store import Store
-from hpo.study import load_study
+from hpo.search.events import NullObserver
+from hpo.search.run import run_search
+from hpo.config.store import Store
+from hpo.config.study import load_study
 
 class SlowTrial1(NullObserver):  # trial 1 trains for seconds: long enough to be killed in
     def epoch_finished(self, number, epoch, metrics):
@@ -291,7 +318,7 @@ def test_a_killed_search_is_restored_and_its_lost_trial_retried(
     spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 12})
     result = run_search(spec, store)
     assert [(t.number, t.state, t.fail_reason) for t in result.trials] == [
-        (0, "COMPLETE", None), (1, "FAIL", "worker lost"), (2, "COMPLETE", None)]
+        (0, "COMPLETE", None), (1, TrialState.LOST, "worker lost"), (2, "COMPLETE", None)]
     assert result.trials[2].params == result.trials[1].params  # Tune restored that trial
     statuses = {r.data.tags["imgcls_hpo.trial_number"]: r.info.status
                 for r in _runs(store, "trial")}

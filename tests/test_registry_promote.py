@@ -24,21 +24,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpo.records import StudyRecord, TrialRecord, load_record, metric_goal
-from hpo.registry import (
-    DEFAULT_ALIAS,
-    PREVIOUS_ALIAS,
-    choose_trial,
-    promote,
-    resolve_model,
-    version_tags,
-)
-from hpo.search import run_search
-from hpo.serving import CLASSIFIER, image_inputs, prediction_frame
-from hpo.store import Store
-from hpo.study import StudyError, load_study
-from hpo.tracking import MODEL_NAME, TAG_STUDY, TAG_TRIAL, Tracker, fluent_tracking_uri
+from hpo.after.models import DEFAULT_ALIAS, resolve_model
+from hpo.after.promote import PREVIOUS_ALIAS, choose_trial, promote, version_tags
+from hpo.after.serving import CLASSIFIER, image_inputs, prediction_frame
+from hpo.config.store import Store
+from hpo.config.study import StudyError, load_study
+from hpo.config.trial import TrialOutcome, Trials, TrialState
+from hpo.search.run import run_search
+from hpo.tracking.client import Tracker, fluent_tracking_uri
+from hpo.tracking.records import StudyRecord, load_record
+from hpo.tracking.tags import MODEL_NAME, TAG_STUDY, TAG_TRIAL
 from imgcls.errors import ConfigError, DataError
+from imgcls.metrics import metric_goal
 from tests.conftest import TINY_STUDY, make_image_folder
 
 
@@ -77,7 +74,7 @@ def record(tracker: Tracker) -> StudyRecord:
     return load_record(tracker, "tiny")
 
 
-def _best(record: StudyRecord, key: str) -> TrialRecord:
+def _best(record: StudyRecord, key: str) -> TrialOutcome:
     """The trial a user expects: best value of `key`, the lowest trial number on a tie."""
     trials = [t for t in record.trials if t.state == "COMPLETE"]
     pick = max if metric_goal(key) == "max" else min
@@ -191,9 +188,10 @@ def test_the_version_is_tagged_with_what_it_is(tracker: Tracker, record: StudyRe
 
 
 def test_promote_errors_name_the_problem(tracker: Tracker, record: StudyRecord) -> None:
-    pruned = dataclasses.replace(record, trials=tuple(
-        dataclasses.replace(t, state="PRUNED" if t.number else "FAIL") for t in record.trials))
-    with pytest.raises(StudyError, match=r"no COMPLETE trial to promote \(1 FAIL, 2 PRUNED\)"):
+    pruned = dataclasses.replace(record, trials=Trials(record.objective, (
+        dataclasses.replace(t, state=TrialState.PRUNED if t.number else TrialState.FAILED)
+        for t in record.trials)))
+    with pytest.raises(StudyError, match=r"no COMPLETE trial to promote \(1 failed, 2 pruned\)"):
         promote(tracker, pruned)
     with pytest.raises(StudyError, match=r"metric 'val_fi'; did you mean 'val_f1'\? \(logged: "):
         promote(tracker, record, metric="val_fi")
@@ -211,8 +209,10 @@ def test_promote_errors_name_the_problem(tracker: Tracker, record: StudyRecord) 
         promote(tracker, record, name="a/b")
     # a COMPLETE trial whose run has no model (logging it failed, or it was deleted)
     run = tracker.client.create_run(record.experiment_id)
-    bare = TrialRecord(7, "COMPLETE", run.info.run_id, {}, {"best_val_f1": 2.0})
-    with_bare = dataclasses.replace(record, trials=(*record.trials, bare))
+    bare = TrialOutcome(7, TrialState.COMPLETE, value=2.0, metrics={"best_val_f1": 2.0},
+                        run_id=run.info.run_id)
+    with_bare = dataclasses.replace(record, trials=Trials(record.objective,
+                                                          (*record.trials, bare)))
     with pytest.raises(StudyError, match=rf"trial 7 \(run {run.info.run_id}\) of study 'tiny' "
                                          "has no logged model 'model'"):
         promote(tracker, with_bare)

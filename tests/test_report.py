@@ -101,29 +101,31 @@ def test_predictions_csv_round_trips(tmp_path: Path) -> None:
     y, p = scored(25, 3, seed=2)
     classes = ("cat", "dog", "eel")
     ids = [f"img/{i:03d}.png" for i in range(25)]
-    path = write_predictions(tmp_path / "out" / "preds.csv", ids, y, p, classes)
+    path = write_predictions(tmp_path / "out" / "preds.csv", ids, p, classes, labels=y)
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["file", "label", "prediction", "p_cat", "p_dog", "p_eel"]
+    assert list(rows[0]) == ["file", "label", "prediction", "probability", "p_cat", "p_dog",
+                             "p_eel"]
     assert [r["file"] for r in rows] == ids
     assert [r["label"] for r in rows] == [classes[c] for c in y]
     read = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
     assert read == pytest.approx(p, abs=5e-7)  # 6 decimals
     assert read.sum(1) == pytest.approx(np.ones(25), abs=2e-6)
     assert [r["prediction"] for r in rows] == [classes[c] for c in read.argmax(1)]
+    assert [float(r["probability"]) for r in rows] == pytest.approx(read.max(1), abs=5e-7)
 
 
-def test_predictions_without_labels_leave_the_label_empty(tmp_path: Path) -> None:
+def test_predictions_without_labels_have_no_label_column(tmp_path: Path) -> None:
     _, p = scored(3, 2)
-    path = write_predictions(tmp_path / "p.csv", ["a", "b", "c"], None, p, ["x", "y"])
+    path = write_predictions(tmp_path / "p.csv", ["a", "b", "c"], p, ["x", "y"])
     with path.open(newline="") as f:
-        assert [r["label"] for r in csv.DictReader(f)] == ["", "", ""]
+        assert "label" not in next(csv.DictReader(f))
 
 
 def test_predictions_of_mismatched_lengths_are_refused(tmp_path: Path) -> None:
     _, p = scored(3, 2)
     with pytest.raises(ValueError, match=r"2 ids, 3 labels and probs of shape \(3, 2\)"):
-        write_predictions(tmp_path / "p.csv", ["a", "b"], np.zeros(3, int), p, ["x", "y"])
+        write_predictions(tmp_path / "p.csv", ["a", "b"], p, ["x", "y"], labels=np.zeros(3, int))
 
 
 def _outside(fig: Figure) -> list[str]:

@@ -1,4 +1,4 @@
-"""hpo.results: the trials table, the 3D plot's data and renderers, Optuna's views of a study.
+"""hpo.after: the trials table, the 3D plot's data and renderers, Optuna's views of a study.
 
 Data steps are tested on in-memory records; what needs MLflow (metric histories, the study run's
 space, artifacts) on a small study logged through the Tracker in a temporary store, without
@@ -8,6 +8,7 @@ training; one slow test runs a real search.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,26 +18,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hpo.records import StudyRecord, TrialRecord, load_record
-from hpo.results import (
-    PLOT_HTML,
-    PLOT_PNG,
-    TRIALS_CSV,
-    Axis,
-    optuna_study,
-    plan_views,
-    plot_3d_html,
-    plot_3d_png,
-    plot_points,
-    study_space,
-    trials_table,
-    write_results,
-    write_trials_csv,
-)
-from hpo.space import SearchSpace
-from hpo.store import Store
-from hpo.study import HParams
-from hpo.tracking import Tracker
+from hpo.after.plot3d import Axis, plot_3d_html, plot_3d_png, plot_points
+from hpo.after.results import PLOT_HTML, PLOT_PNG, TRIALS_CSV, write_results
+from hpo.after.table import trials_table, write_trials_csv
+from hpo.after.views import optuna_study, plan_views
+from hpo.config.hparams import HParams
+from hpo.config.space import SearchSpace
+from hpo.config.store import Store
+from hpo.config.trial import TrialOutcome, Trials, TrialState
+from hpo.tracking.client import Tracker
+from hpo.tracking.records import StudyRecord, load_record
+from hpo.tracking.runs import open_study_run, start_trial
 from imgcls.errors import ConfigError
 
 SPACE = {"lr": "0.0001..0.1:log", "batch_size": "8,16,32,64", "arch": "simplecnn,resnet18",
@@ -73,13 +65,15 @@ class Fake:
 
 def in_memory(fakes: Sequence[Fake | None], objective: str = "val_f1") -> StudyRecord:
     """A record as load_record builds it; None leaves a trial number out."""
-    trials = tuple(
-        TrialRecord(number=n, state=f.state, run_id=f"run{n}", params=f.params(),  # type: ignore[arg-type]
-                    metrics={"val_f1": f.history[-1], **f.metrics()},  # val_f1: the last epoch's
-                    fail_reason="diverged" if f.state == "FAIL" else None)
+    trials = (
+        TrialOutcome(number=n, state=TrialState(f.state), run_id=f"run{n}", params=f.params(),  # type: ignore[arg-type]
+                     metrics={"val_f1": f.history[-1], **f.metrics()},  # val_f1: the last epoch's
+                     value=f.metrics().get(f"best_{objective}"),
+                     fail_reason="diverged" if f.state == "FAIL" else None)
         for n, f in enumerate(fakes) if f is not None
     )
-    return StudyRecord("fake", objective, "1", "study-run", SEARCHED, trials)
+    return StudyRecord("fake", objective, "1", "study-run", SEARCHED, Trials(objective, trials),
+                       SearchSpace.parse(SPACE, HParams.kinds()))
 
 
 def logged(store: Store, fakes: Sequence[Fake | None], name: str = "fake",
@@ -88,17 +82,17 @@ def logged(store: Store, fakes: Sequence[Fake | None], name: str = "fake",
     tracker = Tracker(store.tracking_uri, store.artifact_root)
     experiment = tracker.experiment(name)
     params = {"objective": "val_f1", **{f"space.{k}": v for k, v in space.items()}}
-    study_run, _ = tracker.open_study_run(experiment, name, None, params)
+    study_run, _ = open_study_run(tracker, experiment, name, None, params)
     for number, fake in enumerate(fakes):
         if fake is None:
             continue
-        run = tracker.start_trial(experiment, study_run, name, number, fake.params())
+        run = start_trial(tracker, experiment, study_run, name, number, fake.params())
         for epoch, value in enumerate(fake.history, start=1):
             if fake.state != "FAIL":
                 run.log_metrics({"val_f1": value}, step=epoch)
         run.log_metrics(fake.metrics())
         if fake.state != "RUNNING":
-            run.finish(fake.state, "diverged" if fake.state == "FAIL" else None)
+            run.finish(TrialState(fake.state), "diverged" if fake.state == "FAIL" else None)
     return tracker, load_record(tracker, name)
 
 
@@ -137,7 +131,8 @@ def test_table_ranks_finished_trials_by_the_objective_and_counts_every_state() -
     assert first.test_ci == (record.trials[0].metrics["test_f1_ci_low"],
                              record.trials[0].metrics["test_f1_ci_high"])
     assert first.params_count == 1000 + len("resnet18") and first.run_id == "run0"
-    assert table.counts == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 1, "RUNNING": 1}
+    assert table.counts == {TrialState.COMPLETE: 3, TrialState.PRUNED: 1, TrialState.FAILED: 1,
+                            TrialState.INTERRUPTED: 0, TrialState.LOST: 0, TrialState.RUNNING: 1}
     assert table.test_metric == "test_f1"
 
 
@@ -187,10 +182,10 @@ def test_plot_holds_every_finished_trial_and_only_those() -> None:
 def test_the_height_falls_back_to_the_objective_and_any_name_goes_on_any_axis() -> None:
     fakes = [Fake("COMPLETE", lr=0.001 * (k + 1), history=(0.5 + k / 10,)) for k in range(3)]
     record = in_memory(fakes)
-    record = StudyRecord(record.name, record.objective, "1", "s", SEARCHED, tuple(
-        TrialRecord(t.number, t.state, t.run_id, t.params,
-                    {k: v for k, v in t.metrics.items() if k != "min_val_loss"})
-        for t in record.trials))
+    record = dataclasses.replace(record, trials=Trials(record.objective, (
+        dataclasses.replace(t, metrics={k: v for k, v in t.metrics.items()
+                                        if k != "min_val_loss"})
+        for t in record.trials)))
     assert plot_points(record).z.name == "best_val_f1"
     plot = plot_points(record, x="flops", y="arch", z="val_f1", color="dropout")
     assert plot.z.name == "best_val_f1"  # the objective's name means its best epoch's value
@@ -286,7 +281,7 @@ def mixed_report(mixed: tuple[Tracker, StudyRecord, Path]):  # type: ignore[no-u
 
 def test_the_optuna_study_mirrors_the_records(mixed: tuple[Tracker, StudyRecord, Path]) -> None:
     tracker, record, _ = mixed
-    space = study_space(tracker, record)
+    space = record.space  # as the study run recorded it
     assert [p.name for p in space.searched] == list(SEARCHED)
     study, notes = optuna_study(tracker, record, space)
     assert notes == []
@@ -297,7 +292,7 @@ def test_the_optuna_study_mirrors_the_records(mixed: tuple[Tracker, StudyRecord,
         frozen = study.trials[trial.number]
         if trial.state == "COMPLETE":
             assert frozen.value == trial.metrics["best_val_f1"]
-        if trial.finished:
+        if trial.state.has_result:
             assert frozen.params == {k: trial.params[k] for k in SEARCHED}
             history = MIXED[trial.number].history  # type: ignore[union-attr]
             assert frozen.intermediate_values == dict(enumerate(history, start=1))
@@ -311,8 +306,7 @@ def test_views_that_cannot_be_drawn_are_planned_out_with_a_reason(
     planned = {v.name: v for v in plan_views(study, {"dropout": 0.6, "lr": 0.3, "arch": 0.1})}
     assert all(v.skipped is None for v in planned.values())
     assert planned["contour"].params == ("dropout", "lr")  # the two most important
-    one = StudyRecord(record.name, record.objective, record.experiment_id,
-                      record.study_run_id, record.searched, record.trials[:1])
+    one = dataclasses.replace(record, trials=Trials(record.objective, record.trials[:1]))
     study, _ = optuna_study(tracker, one)
     planned = {v.name: v for v in plan_views(study, {}, "importances: why")}
     assert planned["importances"].skipped == "importances: why"
@@ -369,7 +363,7 @@ def test_a_study_with_no_finished_trial_writes_the_table_and_why(
     report = write_results(tracker, record, tmp_path / "out")
     assert {p.name for p in report.files} == {TRIALS_CSV, "optuna.html", "notes.txt"}
     assert len(report.plot) == 0 and report.table.rows == ()
-    assert report.table.counts["RUNNING"] == 1
+    assert report.table.counts[TrialState.RUNNING] == 1
     assert any(n.startswith("3D plot: not drawn") for n in report.notes)
     assert any(n.startswith("optimization history: not drawn") for n in report.notes)
 
@@ -384,8 +378,8 @@ def test_a_bad_axis_writes_nothing(mixed: tuple[Tracker, StudyRecord, Path], tmp
 
 @pytest.mark.slow
 def test_results_of_a_real_search(study_file: Path, store: Store, tmp_path: Path) -> None:
-    from hpo.search import run_search
-    from hpo.study import load_study
+    from hpo.config.study import load_study
+    from hpo.search.run import run_search
 
     run_search(load_study(str(study_file), {"trials": 3}), store)
     tracker = Tracker(store.tracking_uri, store.artifact_root)

@@ -14,20 +14,19 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo.backends import optuna_samplers
-from hpo.backends.optuna_samplers import (
+from hpo.config.hparams import HParams
+from hpo.config.space import Choice, IntRange, SearchSpace
+from hpo.config.trial import TrialState as Trial
+from hpo.search.backends.optuna import samplers as optuna_samplers
+from hpo.search.backends.optuna.pruners import PRUNERS, WARMUP_EPOCHS
+from hpo.search.backends.optuna.samplers import (
     GRID_MAX_INTEGERS,
-    PRUNERS,
     SAMPLERS,
-    WARMUP_EPOCHS,
     check_space,
     grid_size,
     planned_trials,
     sampler_seed,
 )
-from hpo.objective import INTERRUPTED
-from hpo.space import Choice, IntRange, SearchSpace
-from hpo.study import HParams
 from imgcls.errors import ConfigError
 
 MIXED = {"lr": "1e-4..1e-1:log", "batch_size": "8..64:log", "dropout": "0..0.5",
@@ -190,7 +189,7 @@ def test_a_resumed_grid_reruns_the_interrupted_point_and_no_other() -> None:
     for _ in range(3):
         study.tell(study.ask(space.to_optuna()), 0.5)
     interrupted = study.ask(space.to_optuna())
-    interrupted.set_user_attr("fail_reason", INTERRUPTED)
+    interrupted.set_user_attr("fail_reason", Trial.INTERRUPTED.reason)
     study.tell(interrupted, state=TrialState.FAIL)
 
     study = open_study(4)

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from hpo.search import run_search
-from hpo.store import Store
-from hpo.study import StudyError, load_study
+from hpo.config.store import Store
+from hpo.config.study import StudyError, load_study
+from hpo.config.trial import TrialState
+from hpo.search.run import run_search
 from imgcls.errors import ConfigError, DataError
 from tests.conftest import InterruptAt, make_image_folder
 
@@ -70,7 +71,7 @@ def test_an_interrupted_search_resumes_without_losing_or_counting_the_interrupte
 
     result = run_search(spec, store)
     assert [(t.number, t.state) for t in result.trials] == [
-        (0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE")]
+        (0, TrialState.COMPLETE), (1, TrialState.INTERRUPTED), (2, TrialState.COMPLETE)]
     assert result.trials[1].fail_reason == "interrupted"
     (study_run,) = _runs(store, "tiny", "study")
     assert study_run.info.status == "FINISHED"

@@ -1,7 +1,15 @@
 import optuna
 import pytest
 
-from hpo.space import Choice, Fixed, FloatRange, IntRange, SearchSpace, SpaceError, parse_param
+from hpo.config.space import (
+    Choice,
+    Fixed,
+    FloatRange,
+    IntRange,
+    SearchSpace,
+    SpaceError,
+    parse_param,
+)
 
 
 @pytest.mark.parametrize(("spec", "kind", "expected"), [

@@ -1,9 +1,14 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from hpo.space import FloatRange, IntRange
-from hpo.study import HParams, StudyError, find_study, known_studies, load_study
+from hpo.config.hparams import HParams
+from hpo.config.space import FloatRange, IntRange, SpaceError
+from hpo.config.study import StudyError, find_study, known_studies, load_study
+from hpo.config.trial import TrialState
+from imgcls.data.augment import Augment
+from imgcls.errors import ConfigError
 from imgcls.models import MODELS, build_model
 
 SHIPPED = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
@@ -17,8 +22,8 @@ def weights_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     checkpoints.mkdir(parents=True)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for entry in MODELS:
-        if entry.meta["weights"] is not None:
-            (checkpoints / entry.meta["weights"].url.rsplit("/", 1)[-1]).touch()
+        if entry.obj.weights_filename is not None:
+            (checkpoints / entry.obj.weights_filename).touch()
     return checkpoints
 
 
@@ -102,19 +107,59 @@ def test_validation_split_cannot_be_empty(study_file: Path) -> None:
         load_study(str(study_file), {"data.val_fraction": 0})
 
 
-def test_unknown_backend_lists_the_known_ones(study_file: Path) -> None:
-    with pytest.raises(StudyError, match=r"unknown backend 'optuner'; did you mean 'optuna'"):
-        load_study(str(study_file), {"backend": "optuner"})
+def test_an_unknown_backend_is_refused_before_any_data_is_read(study_file: Path,
+                                                               tmp_path: Path) -> None:
+    from hpo.config.store import Store
+    from hpo.search.run import prepare_search
+
+    spec = load_study(str(study_file), {"backend": "optuner",
+                                        "data.path": str(tmp_path / "nowhere")})
+    store = Store.resolve(tmp_path / "store")
+    with pytest.raises(ConfigError, match=r"unknown backend 'optuner'; did you mean 'optuna'"):
+        prepare_search(spec, store)  # not "data folder not found": the backend comes first
+    assert not store.root.exists()
+
+
+AUGMENT_PROBES = (-1.0, 0.0, 1e-9, 0.5, 1.0, 1.5, 10.0, 180.0, 180.5, 1e6)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Augment)])
+def test_augmentation_ranges_are_the_ones_imgcls_takes(name: str) -> None:
+    # HParams is the one source of ranges: a searched value it allows trains, and one it refuses
+    # would have failed in imgcls too
+    for value in AUGMENT_PROBES:
+        try:
+            Augment(**{name: value})
+            trains = True
+        except ConfigError:
+            trains = False
+        try:
+            HParams.check_value(name, value)
+            allowed = True
+        except SpaceError:
+            allowed = False
+        assert allowed == trains, (name, value)
+
+
+def test_training_settings_are_hyperparameters_of_the_same_name() -> None:
+    # every TrainConfig field a trial does not set from the study is a hyperparameter, so that
+    # the trial hands them over by name (hpo.search.trial.given) and none is forgotten
+    from imgcls.train.engine import TrainConfig
+
+    from_study = {"max_epochs", "patience", "monitor"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields - from_study <= set(HParams.model_fields)
 
 
 def test_the_pareto_front_keeps_the_trials_nothing_dominates(study_file: Path) -> None:
-    from hpo.objective import TrialOutcome
-    from hpo.search import pareto_front
+    from hpo.config.trial import TrialOutcome
+    from hpo.search.run import pareto_front
 
     spec = load_study(str(study_file), {"objective": ["val_f1:max", "flops:min"]})
     assert spec.terms == [("val_f1", "max"), ("flops", "min")]
     points = {0: [0.90, 5e9], 1: [0.80, 1e9], 2: [0.85, 6e9], 3: [0.90, 5e9], 4: [0.70, 2e9]}
-    trials = [TrialOutcome(n, {}, "COMPLETE", value=v[0], values=v) for n, v in points.items()]
-    trials.append(TrialOutcome(5, {}, "PRUNED", value=0.99, values=[0.99, 1.0]))  # not complete
+    trials = [TrialOutcome(n, TrialState.COMPLETE, value=v[0], values=v)
+              for n, v in points.items()]
+    trials.append(TrialOutcome(5, TrialState.PRUNED, value=0.99, values=[0.99, 1.0]))
     # 2 is beaten by 0 on both; 4 by 1 on both; 0 and 3 tie (both kept); 1 is the cheapest
     assert [t.number for t in pareto_front(trials, spec)] == [0, 1, 3]

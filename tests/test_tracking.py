@@ -13,8 +13,11 @@ import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.models import infer_signature
 
-from hpo.store import Store
-from hpo.tracking import MODEL_NAME, TAG_STATE, Tracker, TrialRun, fluent_tracking_uri
+from hpo.config.store import Store
+from hpo.config.trial import TrialState
+from hpo.tracking.client import Tracker, fluent_tracking_uri
+from hpo.tracking.runs import TrialRun, open_study_run, start_trial
+from hpo.tracking.tags import MODEL_NAME, TAG_STATE
 
 METADATA = {"imgcls": {"arch": "tiny", "classes": ["a", "b", "c"], "image_size": 8}}
 
@@ -45,8 +48,8 @@ def tracker(store: Store) -> Tracker:
 
 def _trial(tracker: Tracker) -> TrialRun:
     experiment = tracker.experiment("tiny")
-    parent, _ = tracker.open_study_run(experiment, "tiny", None, {"seed": "0"})
-    return tracker.start_trial(experiment, parent, "tiny", 0,
+    parent, _ = open_study_run(tracker, experiment, "tiny", None, {"seed": "0"})
+    return start_trial(tracker, experiment, parent, "tiny", 0,
                                {"lr": 0.05, "arch": "tiny", "dropout": None})
 
 
@@ -119,7 +122,7 @@ def test_ctrl_c_during_a_write_lets_it_finish_and_the_run_can_still_be_closed(
         run.log_metrics({"val_f1": 0.5}, step=1)
     except KeyboardInterrupt:
         event.remove(engine, "after_cursor_execute", interrupt)
-        run.finish("FAIL", "interrupted", "KILLED")  # as run_trial's handler does
+        run.finish(TrialState.INTERRUPTED)  # as run_trial's handler does
     else:
         pytest.fail("Ctrl-C was not raised")
 

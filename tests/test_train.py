@@ -185,7 +185,8 @@ def test_unknown_scheduler_lists_the_known_ones() -> None:
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("warmup_epochs", 10.0, "warmup_epochs must be in \\[0, max_epochs = 10\\), not 10.0"),
     ("warmup_epochs", -1.0, "warmup_epochs must be in"),
-    ("lr_step_epochs", 0, "lr_step_epochs must be at least 1, not 0"),
+    ("lr_step_epochs", -1, "lr_step_epochs must be at least 1, or 0 for a third of max_epochs, "
+                           "not -1"),
     ("lr_gamma", 0.0, "lr_gamma must be above 0, not 0.0"),
     ("l2", -0.1, "l2 must be 0 or more, not -0.1"),
     ("max_epochs", 0, "max_epochs must be at least 1, not 0"),

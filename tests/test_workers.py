@@ -24,13 +24,20 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.backends import counts_as_finished, workers
-from hpo.backends.optuna_backend import OptunaBackend, OptunaStudy, make_storage
-from hpo.objective import StudyContext, TrialOutcome
-from hpo.search import run_search
-from hpo.space import Scalar
-from hpo.store import Store
-from hpo.tracking import Tracker
+from hpo.config.space import Scalar
+from hpo.config.store import Store
+from hpo.config.study import load_study
+from hpo.config.trial import TrialOutcome
+from hpo.config.trial import TrialState as State
+from hpo.search.backends.optuna import loop, recovery, workers
+from hpo.search.backends.optuna import storage as optuna_storage
+from hpo.search.backends.optuna.backend import OptunaBackend, OptunaStudy
+from hpo.search.backends.optuna.storage import make_storage
+from hpo.search.devices import plan_slots
+from hpo.search.run import run_search
+from hpo.search.trial import StudyContext
+from hpo.tracking.client import Tracker
+from hpo.tracking.runs import open_study_run, start_trial
 
 HERE = socket.gethostname()
 
@@ -67,16 +74,14 @@ def fake_trials(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
                        should_prune: Any = None, on_epoch: Any = None,
                        placement: Mapping[str, str] | None = None) -> TrialOutcome:
         calls.append({"number": number, "params": dict(sampled), "placement": placement})
-        return TrialOutcome(number, dict(sampled), "COMPLETE", value=0.5, epochs=1,
+        return TrialOutcome(number, State.COMPLETE, dict(sampled), value=0.5, epochs=1,
                             best_epoch=1)
 
-    monkeypatch.setattr(workers, "run_trial", fake_run_trial)
+    monkeypatch.setattr(loop, "run_trial", fake_run_trial)
     return calls
 
 
 def _open(study_file: Path, store: Store, **overrides: Any) -> tuple[OptunaStudy, StudyContext]:
-    from hpo.study import load_study
-
     spec = load_study(str(study_file), {"gpus": "none", **overrides})
     store.create()
     study = OptunaBackend().open(spec, store)
@@ -149,7 +154,7 @@ def test_trials_of_dead_workers_fail_as_lost_and_are_retried_once(
 
     trials = {t.number: t for t in study.trials()}
     for number in (lost.number, lost_retry.number):
-        assert (trials[number].state, trials[number].fail_reason) == ("FAIL", "worker lost")
+        assert (trials[number].state, trials[number].fail_reason) == (State.LOST, "worker lost")
     assert trials[alive.number].state == "RUNNING"  # its worker lives: left alone, counted
     # the lost trial's parameters ran first, once; the lost retry was not retried again
     assert [c["number"] for c in fake_trials] == [3, 4]
@@ -180,19 +185,20 @@ def test_ctrl_c_as_a_trial_opens_its_run_leaves_the_run_killed(
         study_file: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted_while_opening(ctx: StudyContext, number: int, *args: Any) -> TrialOutcome:
         assert ctx.tracker is not None
-        ctx.tracker.start_trial(ctx.experiment_id, ctx.study_run_id, "tiny", number, {})
+        start_trial(ctx.tracker, ctx.experiment_id, ctx.study_run_id, "tiny", number, {})
         raise KeyboardInterrupt  # before run_trial held the run, so it could not close it
 
-    monkeypatch.setattr(workers, "run_trial", interrupted_while_opening)
+    monkeypatch.setattr(loop, "run_trial", interrupted_while_opening)
     study, ctx = _open(study_file, store, trials=2)
     tracker = Tracker(store.tracking_uri, store.artifact_root)
     experiment = tracker.experiment("tiny")
-    parent, _ = tracker.open_study_run(experiment, "tiny", None, {})
+    parent, _ = open_study_run(tracker, experiment, "tiny", None, {})
     ctx = dataclasses.replace(ctx, tracker=tracker, experiment_id=experiment,
                               study_run_id=parent)
     with pytest.raises(KeyboardInterrupt):
         _optimize(study, ctx)
-    assert [(t.state, t.fail_reason) for t in study.trials()] == [("FAIL", "interrupted")]
+    assert [(t.state, t.fail_reason) for t in study.trials()] == [
+        (State.INTERRUPTED, "interrupted")]
     (run,) = _trial_runs(store)
     assert run.info.status == "KILLED"
     assert run.data.tags["imgcls_hpo.fail_reason"] == "interrupted"
@@ -203,10 +209,10 @@ def test_a_pareto_study_is_told_every_objective(study_file: Path, store: Store,
     def scored_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
                      should_prune: Any = None, *args: Any) -> TrialOutcome:
         assert should_prune is None  # Optuna prunes single-objective studies only
-        return TrialOutcome(number, dict(sampled), "COMPLETE", value=0.5 + number,
+        return TrialOutcome(number, State.COMPLETE, dict(sampled), value=0.5 + number,
                             values=[0.5 + number, 1000.0 - number])
 
-    monkeypatch.setattr(workers, "run_trial", scored_trial)
+    monkeypatch.setattr(loop, "run_trial", scored_trial)
     study, ctx = _open(study_file, store, trials=2, objective=["val_f1:max", "flops:min"])
     _optimize(study, ctx)
     assert [d.name for d in study.study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -222,9 +228,9 @@ def test_no_trial_starts_after_the_timeout(study_file: Path, store: Store,
                    *args: Any) -> TrialOutcome:
         started.append(number)
         time.sleep(0.7)  # longer than the timeout: the next trial would start after it
-        return TrialOutcome(number, dict(sampled), "COMPLETE", value=0.5)
+        return TrialOutcome(number, State.COMPLETE, dict(sampled), value=0.5)
 
-    monkeypatch.setattr(workers, "run_trial", slow_trial)
+    monkeypatch.setattr(loop, "run_trial", slow_trial)
     study, ctx = _open(study_file, store, trials=10, timeout=0.5)
     _optimize(study, ctx)
     assert started == [0]  # the running trial finished; no other started
@@ -232,8 +238,8 @@ def test_no_trial_starts_after_the_timeout(study_file: Path, store: Store,
 
 
 def test_pid_alive_tells_running_dead_and_zombie_processes() -> None:
-    assert workers.pid_alive(os.getpid())
-    assert not workers.pid_alive(_dead_pid())
+    assert recovery.pid_alive(os.getpid())
+    assert not recovery.pid_alive(_dead_pid())
     zombie = subprocess.Popen(["true"])  # ends, but is not reaped until wait()
     try:
         for _ in range(200):
@@ -241,7 +247,7 @@ def test_pid_alive_tells_running_dead_and_zombie_processes() -> None:
             if stat.rsplit(")", 1)[1].split()[0] == "Z":
                 break
             time.sleep(0.01)
-        assert not workers.pid_alive(zombie.pid)
+        assert not recovery.pid_alive(zombie.pid)
     finally:
         zombie.wait()
 
@@ -254,26 +260,24 @@ def test_the_study_lock_keeps_other_processes_out(tmp_path: Path) -> None:
              "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
              "    except BlockingIOError:\n"
              "        sys.exit(3)\n")
-    with workers.study_lock(lock):
+    with loop.study_lock(lock):
         held = subprocess.run([sys.executable, "-c", probe, str(lock)])
     free = subprocess.run([sys.executable, "-c", probe, str(lock)])
     assert (held.returncode, free.returncode) == (3, 0)
 
 
 def test_worker_seeds_differ_between_workers_and_resumes() -> None:
-    seeds = {workers.worker_seed(0, drawn, worker) for drawn in (0, 4) for worker in range(4)}
+    seeds = {loop.worker_seed(0, drawn, worker) for drawn in (0, 4) for worker in range(4)}
     assert len(seeds) == 8
-    assert workers.worker_seed(0, 4, 1) == workers.worker_seed(0, 4, 1)
+    assert loop.worker_seed(0, 4, 1) == loop.worker_seed(0, 4, 1)
 
 
 @pytest.mark.slow
 def test_an_rdb_heartbeat_that_stopped_marks_the_trial_lost(
         study_file: Path, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         fake_trials: list[dict[str, Any]]) -> None:
-    from hpo.backends import optuna_backend
-
-    monkeypatch.setattr(optuna_backend, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(optuna_backend, "HEARTBEAT_GRACE_S", 1)
+    monkeypatch.setattr(optuna_storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(optuna_storage, "HEARTBEAT_GRACE_S", 1)
     rdb = Store(store.root, store.tracking_uri, f"sqlite:///{tmp_path}/optuna.db")
     study, ctx = _open(study_file, rdb, trials=1)
     storage = study.study._storage
@@ -282,7 +286,7 @@ def test_an_rdb_heartbeat_that_stopped_marks_the_trial_lost(
     time.sleep(2.5)  # past the grace period (SQLite's clock counts whole seconds)
     beating = _ask(study, host="another-host", pid=1)
     storage.record_heartbeat(beating._trial_id)
-    assert workers.recover_lost_trials(study.study, ctx) == [silent.number]
+    assert recovery.recover_lost_trials(study.study, ctx) == [silent.number]
     assert optuna.load_study(study_name="tiny", storage=make_storage(rdb)).trials[
         beating.number].state == TrialState.RUNNING
 
@@ -303,8 +307,6 @@ def _journal_study(store: Store) -> optuna.Study:
 @pytest.mark.slow
 def test_two_workers_finish_exactly_the_trials_and_report_to_the_observer(
         study_file: Path, store: Store) -> None:
-    from hpo.study import load_study
-
     observer = Recorder()
     spec = load_study(str(study_file), {"trials": 3, "workers": 2, "gpus": "none"})
     result = run_search(spec, store, observer)
@@ -326,9 +328,6 @@ def test_two_workers_finish_exactly_the_trials_and_report_to_the_observer(
 @pytest.mark.slow
 def test_a_worker_that_cannot_start_says_why(study_file: Path, store: Store,
                                               image_folder: Path) -> None:
-    from hpo.devices import plan_slots
-    from hpo.study import load_study
-
     spec = load_study(str(study_file), {"gpus": "none"})
     image_folder.rename(image_folder.with_name("moved"))  # gone once the worker looks
     (slot,) = plan_slots("none", 1, 1)
@@ -340,9 +339,9 @@ def test_a_worker_that_cannot_start_says_why(study_file: Path, store: Store,
 SEARCH_SCRIPT = """\
 import sys
 
-from hpo.search import run_search
-from hpo.store import Store
-from hpo.study import load_study
+from hpo.search.run import run_search
+from hpo.config.store import Store
+from hpo.config.study import load_study
 
 if __name__ == "__main__":
     spec = load_study(sys.argv[1], {"trials": 3, "workers": 2, "gpus": "none",
@@ -401,8 +400,6 @@ def _wait_until_ended(group: int) -> None:
 @pytest.mark.slow
 def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
         study_file: Path, store: Store, tmp_path: Path) -> None:
-    from hpo.study import load_study
-
     proc = _search_in_background(tmp_path, study_file, store)
     try:
         victim = _wait_for_a_trained_epoch(store, proc)
@@ -434,7 +431,7 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
     result = run_search(spec, store)
     trials = {t.number: t for t in result.trials}
     assert (trials[victim.number].state, trials[victim.number].fail_reason) == (
-        "FAIL", "worker lost")
+        State.LOST, "worker lost")
     run = MlflowClient(store.tracking_uri).get_run(run.info.run_id)
     assert run.info.status == "KILLED"
     assert run.data.tags["imgcls_hpo.fail_reason"] == "worker lost"
@@ -446,7 +443,7 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
     (retry,) = [t for t in retries if t.user_attrs["retry_of"] == victim.number]
     assert retry.params == victim.params and retry.state == TrialState.COMPLETE
     # exactly 3 finished, none running, each lost trial retried once
-    assert sum(counts_as_finished(t) for t in result.trials) == 3
+    assert result.trials.counted() == 3
     assert all(t.state != "RUNNING" for t in result.trials)
     assert [t.number for t in result.trials if t.fail_reason == "worker lost"] == [
         victim.number]

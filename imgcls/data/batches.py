@@ -61,10 +61,6 @@ class Batches:
         n, b = len(self.labels), self.batch_size
         return n // b if self.train else -(-n // b)
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size()
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)

@@ -69,10 +69,6 @@ class Catalog:
             None if self.given is None else self.given[indices],
         )
 
-    def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(self.classes))
-        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
-
 
 class Source(ABC):
     name: ClassVar[str]
@@ -113,27 +109,29 @@ def _digest(*parts: object) -> str:
     return h.hexdigest()
 
 
-def _check_classes(classes: Sequence[str] | None) -> tuple[str, ...] | None:
+def check_classes(classes: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The classes a study asks for, as a tuple, checked once for every source and setting: at
+    least two distinct, non-empty names (None: every class the source finds)."""
     if classes is None:
         return None
     if isinstance(classes, str):  # a string is a sequence of one-letter names: never meant
         raise ConfigError(f"classes must be a list of names, not the string {classes!r}")
     names = tuple(classes)
-    if len(set(names)) != len(names) or "" in names:
-        raise ConfigError(f"classes {list(names)} must be distinct, non-empty names")
-    if len(names) < 2:
-        raise ConfigError(f"classes {list(names)}: a classifier needs at least two")
+    if len(set(names)) != len(names) or "" in names or len(names) < 2:
+        raise ConfigError(f"classes {list(names)} must be at least two distinct, non-empty "
+                          "names: a classifier needs two")
     return names
 
 
 def _pick_classes(found: Sequence[str], wanted: tuple[str, ...] | None, where: object,
-                  kind: str) -> tuple[str, ...]:
-    """`wanted` in its order, each checked to be among `found`; without it, all found, sorted."""
+                  kind: str, *, in_order: bool = False) -> tuple[str, ...]:
+    """`wanted` in its order, each checked to be among `found`; without it, all found: sorted,
+    or in their order where `in_order` (an npz's class 10 stays after 9)."""
     if wanted is None:
-        classes = tuple(sorted(set(found)))
+        classes = tuple(dict.fromkeys(found)) if in_order else tuple(sorted(set(found)))
         if len(classes) < 2:
             raise DataError(
-                f"{where} has {len(classes)} class(es) ({', '.join(classes)}); "
+                f"{where} has {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                 "a classifier needs at least two"
             )
         return classes
@@ -170,7 +168,7 @@ class DigitsSource(Source):
         # Pixel values are counts 0..16 of the original 32x32 bitmap's 4x4 blocks: scale to 0..255.
         self._images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
         self._labels = digits.target.astype(np.int64)
-        self.classes = _check_classes(classes)
+        self.classes = check_classes(classes)
         self._rows = np.arange(len(self._labels))
 
     def scan(self) -> Catalog:
@@ -190,8 +188,27 @@ class DigitsSource(Source):
         return Image.fromarray(self._images[self._rows[index]])
 
 
+class FileSource(Source):
+    """A source that reads what a path names: a folder, a manifest, an archive. It keeps the
+    files of its last scan, so that `load` opens image `index` without another scan."""
+
+    needs: ClassVar[str]  # what --data must name, in the message when it is missing
+
+    def __init__(self, path: str | Path | None, classes: Sequence[str] | None = None) -> None:
+        if path is None:
+            raise DataError(f"the {self.name} source needs {self.needs}")
+        self.path = Path(path).expanduser()
+        self.classes = check_classes(classes)
+        self._files: list[Path] = []
+
+    def load(self, index: int) -> Image.Image:
+        if not self._files:
+            self.scan()
+        return Image.open(self._files[index])
+
+
 @SOURCES.register("folder")
-class FolderSource(Source):
+class FolderSource(FileSource):
     """ImageFolder layout: one sub-folder per class, images anywhere below it.
 
     When the root's sub-folders are all split names (train, required; val/valid/validation and
@@ -201,17 +218,11 @@ class FolderSource(Source):
     """
 
     name = "folder"
-
-    def __init__(self, path: str | Path | None, classes: Sequence[str] | None = None) -> None:
-        if path is None:
-            raise DataError("the folder source needs a data folder: pass --data PATH")
-        self.root = Path(path).expanduser()
-        self.classes = _check_classes(classes)
-        self._files: list[Path] = []
+    needs = "a data folder: pass --data PATH"
 
     def _parts(self) -> list[tuple[Path, int]]:
         """(folder holding class folders, given split) pairs: the root alone, or its splits."""
-        root = self.root
+        root = self.path
         if not root.exists():
             raise DataError(f"data folder not found: {root}")
         if not root.is_dir():
@@ -231,7 +242,7 @@ class FolderSource(Source):
                       key=lambda part: (part[1], part[0].name))
 
     def scan(self) -> Catalog:
-        root = self.root
+        root = self.path
         parts = self._parts()
         split_layout = parts[0][1] != NO_SPLIT
         class_dirs = {part: {d.name: d for d in _subfolders(part)} for part, _ in parts}
@@ -240,11 +251,6 @@ class FolderSource(Source):
             raise DataError(
                 f"data folder {root} has no class sub-folders "
                 f"(expected one folder per class, e.g. {root}/<class>/image.png)"
-            )
-        if self.classes is None and len(found) < 2:
-            raise DataError(
-                f"data folder {root} has one class sub-folder ({found[0]}); "
-                "a classifier needs at least two"
             )
         where = f"{root} or its split folders" if split_layout else root
         classes = _pick_classes(found, self.classes, where, "folders")
@@ -279,11 +285,6 @@ class FolderSource(Source):
             np.asarray(given, dtype=np.int8) if split_layout else None,
         )
 
-    def load(self, index: int) -> Image.Image:
-        if not self._files:
-            self.scan()
-        return Image.open(self._files[index])
-
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -298,7 +299,7 @@ def images_below(folder: Path, root: Path) -> list[Path]:
 
 
 @SOURCES.register("csv")
-class CsvSource(Source):
+class CsvSource(FileSource):
     """A CSV manifest with a header: `path,label` and optionally `split` and `group`.
 
     Paths are relative to the CSV's folder, the data root, and must stay inside it. `split` is
@@ -307,16 +308,10 @@ class CsvSource(Source):
     """
 
     name = "csv"
-
-    def __init__(self, path: str | Path | None, classes: Sequence[str] | None = None) -> None:
-        if path is None:
-            raise DataError("the csv source needs a manifest: pass --data PATH/TO/labels.csv")
-        self.csv_path = Path(path).expanduser()
-        self.classes = _check_classes(classes)
-        self._files: list[Path] = []
+    needs = "a manifest: pass --data PATH/TO/labels.csv"
 
     def _read(self) -> tuple[bytes, csv.DictReader[str]]:
-        path = self.csv_path
+        path = self.path
         if not path.exists():
             raise DataError(f"CSV manifest not found: {path}")
         if not path.is_file():
@@ -340,7 +335,7 @@ class CsvSource(Source):
 
     def scan(self) -> Catalog:
         content, reader = self._read()
-        root = self.csv_path.parent.resolve()
+        root = self.path.parent.resolve()
         has_split, has_group = "split" in reader.fieldnames, "group" in reader.fieldnames
         problems: list[str] = []
         rows: list[tuple[Path, str, str, int, str]] = []  # file, id, label, given, group
@@ -376,11 +371,11 @@ class CsvSource(Source):
             given = GIVEN_SPLITS[split_name] if split_name else NO_SPLIT
             rows.append((file, item_id, label, given, value.get("group", "") or item_id))
         if problems:
-            raise DataError(f"CSV manifest {self.csv_path}: {len(problems)} bad row(s): "
+            raise DataError(f"CSV manifest {self.path}: {len(problems)} bad row(s): "
                             f"{listing(problems)}")
         if not labels_found:
-            raise DataError(f"CSV manifest {self.csv_path} lists no images")
-        classes = _pick_classes(sorted(labels_found), self.classes, self.csv_path, "labels")
+            raise DataError(f"CSV manifest {self.path} lists no images")
+        classes = _pick_classes(sorted(labels_found), self.classes, self.path, "labels")
         self._files = [r[0] for r in rows]
         labels = np.array([classes.index(r[2]) for r in rows], dtype=np.int64)
         stats = [_stat(r[0], r[1]) for r in rows]
@@ -390,11 +385,6 @@ class CsvSource(Source):
             tuple(r[4] for r in rows) if has_group else None,
             np.array([r[3] for r in rows], dtype=np.int8) if has_split else None,
         )
-
-    def load(self, index: int) -> Image.Image:
-        if not self._files:
-            self.scan()
-        return Image.open(self._files[index])
 
 
 def _inside(root: Path, written: str) -> tuple[Path, str, str]:
@@ -417,7 +407,7 @@ def _inside(root: Path, written: str) -> tuple[Path, str, str]:
 
 
 @SOURCES.register("npz")
-class NpzSource(Source):
+class NpzSource(FileSource):
     """A MedMNIST-style .npz: `train_images`, `train_labels` and optionally `val_*`, `test_*`.
 
     Images are (N, H, W) or (N, H, W, C) with C in 1, 3, 4, of any integer or float dtype; labels
@@ -431,11 +421,10 @@ class NpzSource(Source):
     may_hold_placeholders = False  # a curated array (MedMNIST: 28x28 by design)
     PREFIXES = ("train", "val", "test")  # in GIVEN_SPLITS order
 
+    needs = "a file: pass --data PATH/TO/data.npz"
+
     def __init__(self, path: str | Path | None, classes: Sequence[str] | None = None) -> None:
-        if path is None:
-            raise DataError("the npz source needs a file: pass --data PATH/TO/data.npz")
-        self.path = Path(path).expanduser()
-        self.classes = _check_classes(classes)
+        super().__init__(path, classes)
         self._where = np.zeros((0, 2), dtype=np.int64)  # (prefix index, row) per catalog index
         self._arrays: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # images are loaded from several threads
@@ -471,11 +460,8 @@ class NpzSource(Source):
         elif top >= len(names):
             raise DataError(f"{path} has {len(names)} class names but a label {top}; "
                             "labels must index the names")
-        if self.classes is None and len(names) < 2:
-            raise DataError(f"{path} has {len(names)} class(es); a classifier needs at least two")
         # The file's order, not sorted: "10" must stay after "9".
-        classes = names if self.classes is None else _pick_classes(names, self.classes, path,
-                                                                   "classes")
+        classes = _pick_classes(names, self.classes, path, "classes", in_order=True)
         new_label = np.full(len(names), -1, dtype=np.int64)
         new_label[[names.index(c) for c in classes]] = np.arange(len(classes))
 

@@ -1,25 +1,16 @@
-"""Models by name: a registry of builders, each adapted to classes, channels and dropout, with
-pretrained ImageNet weights read from local files and an optionally frozen backbone."""
+"""Models by name: a catalog of architectures (what each takes and costs, importable without
+torch), a builder per architecture adapted to classes, channels and dropout, pretrained ImageNet
+weights read from local files, and an optionally frozen backbone."""
 
-from imgcls.models import simplecnn as _simplecnn  # noqa: F401  (registers its builder)
-from imgcls.models import torchvision_models as _torchvision_models  # noqa: F401
-from imgcls.models.registry import (
-    MODELS,
-    Builder,
-    build_model,
-    check_image_size,
-    classifier_head,
-    freeze_backbone,
-    head_module,
-    head_parameters,
-    register_model,
-    weights_file,
-    with_in_channels,
-)
-from imgcls.models.simplecnn import SimpleCNN
+from imgcls.lazy import lazy_exports
 
-__all__ = [
-    "MODELS", "Builder", "SimpleCNN", "build_model", "check_image_size", "classifier_head",
-    "freeze_backbone", "head_module", "head_parameters", "register_model", "weights_file",
-    "with_in_channels",
-]
+_EXPORTS = {
+    **dict.fromkeys(("MODELS", "Architecture", "Reference", "REFERENCE_SIZE", "check_image_size",
+                     "smallest_image_size", "weights_file"), "imgcls.models.catalog"),
+    **dict.fromkeys(("BUILDERS", "Builder", "builds", "classifier_head", "freeze_backbone",
+                     "head_module", "with_in_channels"), "imgcls.models.builders"),
+    "build_model": "imgcls.models.build",
+    "SimpleCNN": "imgcls.models.simplecnn",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from imgcls.models.registry import classifier_head, register_model
+from imgcls.models.builders import builds, classifier_head
 
 
 class SimpleCNN(nn.Module):
@@ -30,8 +30,8 @@ class SimpleCNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("simplecnn", min_image_size=8, why="three unpadded 2x max-pools", head="head")
+@builds("simplecnn")
 def simplecnn(num_classes: int, in_channels: int, dropout: float, *,
               image_size: int | None, weights: Path | None) -> nn.Module:
-    del image_size, weights  # any size from 8px; no pretrained weights (registered as None)
+    del image_size, weights  # any size from 8px; no pretrained weights (none in the catalog)
     return SimpleCNN(in_channels, num_classes, dropout=dropout)

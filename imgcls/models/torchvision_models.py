@@ -4,6 +4,7 @@ Each is built as torchvision defines it (1000 classes, RGB), given its ImageNet 
 asked for (from a local file: nothing is downloaded), and only then adapted: the first
 convolution is rebuilt for other input channels and the classifier's tail becomes
 `classifier_head` (dropout + linear), whose dropout replaces torchvision's own classifier dropout.
+Where the first convolution and the head are, and which weights file is whose, the catalog says.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
-from torchvision.models import WeightsEnum
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from imgcls.errors import ConfigError, first_line
-from imgcls.models.registry import classifier_head, register_model, with_in_channels
+from imgcls.models.builders import builds, classifier_head, with_in_channels
+from imgcls.models.catalog import MODELS
 
 StateDict = dict[str, Tensor]
 # (image_size or None, dropout) -> the unmodified torchvision model, freshly initialised
@@ -36,23 +37,19 @@ class TorchvisionBuilder:
 
     name: str
     factory: Factory
-    weights: WeightsEnum  # the ImageNet weights whose file `pretrained=True` loads
-    first_conv: str  # dotted path of the first convolution
-    # Dotted path where classifier_head goes. Inside an nn.Sequential it replaces that module and
-    # everything after it (torchvision's final dropout and linear layer).
-    head: str
     convert: Convert | None = None
 
     def __call__(self, num_classes: int, in_channels: int, dropout: float, *,
                  image_size: int | None, weights: Path | None) -> nn.Module:
+        arch = MODELS.get(self.name)
         model = self.factory(image_size, dropout)
         if weights is not None:
             load_checkpoint(model, weights, self)
-        conv = model.get_submodule(self.first_conv)
-        assert isinstance(conv, nn.Conv2d), f"{self.name}.{self.first_conv} is not a conv"
-        model.set_submodule(self.first_conv,
+        conv = model.get_submodule(arch.first_conv)
+        assert isinstance(conv, nn.Conv2d), f"{self.name}.{arch.first_conv} is not a conv"
+        model.set_submodule(arch.first_conv,
                             with_in_channels(conv, in_channels, from_rgb=weights is not None))
-        replace_head(model, self.head, num_classes, dropout)
+        replace_head(model, arch.head, num_classes, dropout)
         return model
 
 
@@ -75,7 +72,7 @@ def replace_head(model: nn.Module, path: str, num_classes: int, dropout: float) 
 
 def load_checkpoint(model: nn.Module, path: Path, arch: TorchvisionBuilder) -> None:
     """Load the ImageNet state dict in `path` into the unmodified torchvision `model`."""
-    fix = f"download it again from {arch.weights.url}"
+    fix = f"download it again from {MODELS.get(arch.name).weights_url}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
@@ -149,42 +146,18 @@ def _for_size(factory: Callable[..., nn.Module]) -> Factory:
     return lambda image_size, dropout: factory(weights=None, image_size=image_size or 224)
 
 
-def _register(name: str, factory: Factory, weights: WeightsEnum, *, first_conv: str, head: str,
-              min_image_size: int, why: str, multiple_of: int = 1,
-              convert: Convert | None = None) -> None:
-    builder = TorchvisionBuilder(name, factory, weights, first_conv, head, convert)
-    register_model(name, min_image_size=min_image_size, multiple_of=multiple_of, why=why,
-                   head=head, weights=weights)(builder)
+def _register(name: str, factory: Factory, convert: Convert | None = None) -> None:
+    builds(name)(TorchvisionBuilder(name, factory, convert))
 
 
-# Padded convolutions and adaptive average pooling: these take any size, down to 1px.
-ANY_SIZE = "padded convolutions and adaptive pooling"
-_register("resnet18", _plain(tvm.resnet18), tvm.ResNet18_Weights.DEFAULT,
-          first_conv="conv1", head="fc", min_image_size=1, why=ANY_SIZE)
-_register("resnet34", _plain(tvm.resnet34), tvm.ResNet34_Weights.DEFAULT,
-          first_conv="conv1", head="fc", min_image_size=1, why=ANY_SIZE)
-_register("resnet50", _plain(tvm.resnet50), tvm.ResNet50_Weights.DEFAULT,
-          first_conv="conv1", head="fc", min_image_size=1, why=ANY_SIZE)
-_register("resnet101", _plain(tvm.resnet101), tvm.ResNet101_Weights.DEFAULT,
-          first_conv="conv1", head="fc", min_image_size=1, why=ANY_SIZE)
-_register("vgg11_bn", _with_dropout(tvm.vgg11_bn), tvm.VGG11_BN_Weights.DEFAULT,
-          first_conv="features.0", head="classifier.5",
-          min_image_size=32, why="five unpadded 2x max-pools")
-_register("vgg16_bn", _with_dropout(tvm.vgg16_bn), tvm.VGG16_BN_Weights.DEFAULT,
-          first_conv="features.0", head="classifier.5",
-          min_image_size=32, why="five unpadded 2x max-pools")
-# 29px: 15px after the stem, 8 after its max-pool, then 4, 2 and 1 after the transitions.
-_register("densenet121", _plain(tvm.densenet121), tvm.DenseNet121_Weights.DEFAULT,
-          first_conv="features.conv0", head="classifier", convert=_densenet_keys,
-          min_image_size=29, why="a stride-4 stem and three unpadded 2x average-pool transitions")
-_register("efficientnet_b0", _plain(tvm.efficientnet_b0), tvm.EfficientNet_B0_Weights.DEFAULT,
-          first_conv="features.0.0", head="classifier", min_image_size=1, why=ANY_SIZE)
-_register("mobilenet_v3_large", _plain(tvm.mobilenet_v3_large),
-          tvm.MobileNet_V3_Large_Weights.DEFAULT, first_conv="features.0.0", head="classifier.2",
-          min_image_size=1, why=ANY_SIZE)
-_register("convnext_tiny", _plain(tvm.convnext_tiny), tvm.ConvNeXt_Tiny_Weights.DEFAULT,
-          first_conv="features.0.0", head="classifier.2",
-          min_image_size=32, why="a stride-4 patchify stem and three unpadded 2x downsamplings")
-_register("vit_b_16", _for_size(tvm.vit_b_16), tvm.ViT_B_16_Weights.DEFAULT,
-          first_conv="conv_proj", head="heads", convert=_vit_positions,
-          min_image_size=16, multiple_of=16, why="its 16x16 patches must tile the image")
+_register("resnet18", _plain(tvm.resnet18))
+_register("resnet34", _plain(tvm.resnet34))
+_register("resnet50", _plain(tvm.resnet50))
+_register("resnet101", _plain(tvm.resnet101))
+_register("vgg11_bn", _with_dropout(tvm.vgg11_bn))
+_register("vgg16_bn", _with_dropout(tvm.vgg16_bn))
+_register("densenet121", _plain(tvm.densenet121), convert=_densenet_keys)
+_register("efficientnet_b0", _plain(tvm.efficientnet_b0))
+_register("mobilenet_v3_large", _plain(tvm.mobilenet_v3_large))
+_register("convnext_tiny", _plain(tvm.convnext_tiny))
+_register("vit_b_16", _for_size(tvm.vit_b_16), convert=_vit_positions)

@@ -1,33 +1,21 @@
 """Training: optimizers, learning-rate schedules, losses, early stopping, the epoch loop, and
-how it runs fast on its device."""
+how it runs fast on its device. The registries of names (OPTIMIZERS, SCHEDULERS) import no
+torch; the rest loads it on first use."""
 
-from imgcls.train.accel import Acceleration, configure_cuda, fits_on_device
-from imgcls.train.callbacks import Decision, EarlyStopping
-from imgcls.train.engine import (
-    Diverged,
-    EpochCallback,
-    Evaluation,
-    FitResult,
-    TrainConfig,
-    evaluate,
-    fit,
-    train_one_epoch,
-)
-from imgcls.train.losses import build_loss, class_weights, l2_penalty, penalized_weights
-from imgcls.train.optim import OPTIMIZERS, build_optimizer, trainable_parameters
-from imgcls.train.runtime import seed_everything
-from imgcls.train.schedules import (
-    SCHEDULERS,
-    Schedule,
-    SchedulePlan,
-    build_scheduler,
-    lr_multiplier,
-)
+from imgcls.lazy import lazy_exports
 
-__all__ = [
-    "OPTIMIZERS", "SCHEDULERS", "Acceleration", "Decision", "Diverged", "EarlyStopping",
-    "EpochCallback", "Evaluation", "FitResult", "Schedule", "SchedulePlan", "TrainConfig",
-    "build_loss", "build_optimizer", "build_scheduler", "class_weights", "configure_cuda",
-    "evaluate", "fit", "fits_on_device", "l2_penalty", "lr_multiplier", "penalized_weights",
-    "seed_everything", "train_one_epoch", "trainable_parameters",
-]
+_EXPORTS = {
+    **dict.fromkeys(("Acceleration", "configure_cuda", "fits_on_device"), "imgcls.train.accel"),
+    **dict.fromkeys(("Decision", "EarlyStopping"), "imgcls.train.callbacks"),
+    **dict.fromkeys(("Diverged", "EpochCallback", "Evaluation", "FitResult", "TrainConfig",
+                     "evaluate", "fit", "train_one_epoch"), "imgcls.train.engine"),
+    **dict.fromkeys(("build_loss", "class_weights", "l2_penalty", "penalized_weights"),
+                    "imgcls.train.losses"),
+    **dict.fromkeys(("OPTIMIZERS", "build_optimizer", "trainable_parameters"),
+                    "imgcls.train.optim"),
+    **dict.fromkeys(("available_cores", "seed_everything"), "imgcls.train.runtime"),
+    **dict.fromkeys(("SCHEDULERS", "Schedule", "SchedulePlan", "build_scheduler",
+                     "lr_multiplier"), "imgcls.train.schedules"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

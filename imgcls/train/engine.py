@@ -51,7 +51,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # epochs of linear warm-up from lr/10 (fractions allowed);
     # for onecycle, the length of its rising phase (0: torch's 30% of the steps)
     lr_gamma: float = 0.1  # step: factor applied to the rate at each boundary
-    lr_step_epochs: int | None = None  # step: epochs between boundaries; None: max_epochs // 3
+    lr_step_epochs: int = 0  # step: epochs between boundaries; 0: max_epochs // 3
     # Training loss (validation loss stays plain cross-entropy, so that trials compare)
     label_smoothing: float = 0.0  # share of the target mass spread over all classes
     class_weighted: bool = False  # weigh class c by n / (K * count_c) of the training labels,
@@ -74,9 +74,9 @@ class TrainConfig:
                               f"not {self.warmup_epochs}: shorten the warm-up")
         if not self.lr_gamma > 0:
             raise ConfigError(f"lr_gamma must be above 0, not {self.lr_gamma}")
-        if self.lr_step_epochs is not None and self.lr_step_epochs < 1:
-            raise ConfigError(f"lr_step_epochs must be at least 1, not {self.lr_step_epochs} "
-                              "(None steps every third of max_epochs)")
+        if self.lr_step_epochs < 0:
+            raise ConfigError(f"lr_step_epochs must be at least 1, or 0 for a third of "
+                              f"max_epochs, not {self.lr_step_epochs}")
         if not self.l2 >= 0:
             raise ConfigError(f"l2 must be 0 or more, not {self.l2}")
 

@@ -8,16 +8,19 @@ updated nor decayed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from imgcls.errors import ConfigError
 from imgcls.registry import Registry
 
-# factory(params, lr, momentum, weight_decay, nesterov) -> optimizer
-OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float, float, bool],
-                            torch.optim.Optimizer]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# factory(params, lr, momentum, weight_decay, nesterov) -> optimizer. torch is imported when
+# an optimizer is made, not with the registry: a study's optimizer names are checked without it.
+OptimizerFactory = Callable[[Iterable["nn.Parameter"], float, float, float, bool],
+                            "torch.optim.Optimizer"]
 
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
@@ -27,6 +30,8 @@ def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay
         nesterov: bool) -> torch.optim.Optimizer:
     # Nesterov with momentum 0 is plain SGD here, where torch raises: a search may sample
     # momentum 0 alongside nesterov=True, and that trial should train, not fail.
+    import torch
+
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=nesterov and momentum > 0)
 
@@ -36,12 +41,16 @@ def adam(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_deca
          nesterov: bool) -> torch.optim.Optimizer:
     # Adam's weight decay is an L2 term folded into the gradient; adamw decouples it.
     # `nesterov` is an SGD setting: the Adam family ignores it.
+    import torch
+
     return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
           nesterov: bool) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
 

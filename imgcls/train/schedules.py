@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch.optim.lr_scheduler import LambdaLR
+from typing import TYPE_CHECKING
 
 from imgcls.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
 
 WARMUP_START = 0.1  # warm-up's first multiplier: it starts at lr / 10
 ONECYCLE_RISE = 0.3  # onecycle's rising share of the steps when no warm-up is given (torch's)
@@ -40,7 +42,7 @@ class SchedulePlan:
     max_epochs: int
     warmup_epochs: float = 0.0  # epochs of linear warm-up; fractional allowed
     lr_gamma: float = 0.1  # step: factor applied at each step boundary
-    lr_step_epochs: int | None = None  # step: epochs between boundaries; None: a third of them
+    lr_step_epochs: int = 0  # step: epochs between boundaries; 0: a third of them
 
     @property
     def total_steps(self) -> int:
@@ -118,4 +120,6 @@ def lr_multiplier(name: str, plan: SchedulePlan) -> Callable[[int], float]:
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, plan: SchedulePlan
                     ) -> LambdaLR:
     """A scheduler to step after every optimizer step. It sets the first step's rate at once."""
+    from torch.optim.lr_scheduler import LambdaLR
+
     return LambdaLR(optimizer, lr_multiplier(name, plan))

@@ -1,0 +1,75 @@
+"""A model named by any reference, loaded as a Predictor: what `predict`, `explain` and
+serving start from.
+
+References: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model (a trial's pt2 model and
+its metadata), runs:/RUN_ID/classifier, or a study name (its `<study>-classifier@champion`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hpo.tracking import registry
+from hpo.tracking.models import load_python_model, load_weights, model_info
+from imgcls.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from hpo.tracking.client import Tracker
+    from imgcls.predict import Predictor, Preprocessing
+
+DEFAULT_ALIAS = "champion"
+MODEL_REFERENCES = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
+                    "runs:/RUN_ID/classifier, or a study name")
+
+
+def registered_name(study: str) -> str:
+    """The registered model a study promotes to by default."""
+    return f"{study}-classifier"
+
+
+def model_uri(ref: str) -> str:
+    """An MLflow model URI for `ref`: URIs as given, a study name as its champion."""
+    ref = ref.strip()
+    if ref.startswith(("models:/", "runs:/")):
+        return ref
+    if ":" in ref or "/" in ref or not ref:
+        raise ConfigError(f"model reference {ref!r} is none of {MODEL_REFERENCES}")
+    return f"models:/{registered_name(ref)}@{DEFAULT_ALIAS}"
+
+
+def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
+    """The model `ref` names, as its URI and a Predictor. An unknown reference raises
+    ConfigError naming what was looked for."""
+    from hpo.after.serving import ImageClassifier
+    from imgcls.predict import Predictor
+
+    uri = model_uri(ref)
+    study = None if "/" in ref else ref
+    hint = f"; promote a trial first: `imgcls-hpo promote {study}`" if study else ""
+    registry.check_reference(tracker, uri, hint, MODEL_REFERENCES)
+    flavors, _ = model_info(tracker, uri)
+    if "pytorch" in flavors:  # a trial's own model: rebuild it from its weights and metadata
+        state_dict, preprocessing = trial_weights(tracker, uri)
+        return uri, Predictor.from_state_dict(state_dict, preprocessing)
+    python_model = load_python_model(tracker, uri)  # its load_context builds its Predictor
+    if not isinstance(python_model, ImageClassifier) or python_model.predictor is None:
+        raise ConfigError(f"{uri} is not an image classifier promoted by imgcls-hpo (flavors: "
+                          f"{', '.join(flavors)}); give {MODEL_REFERENCES}")
+    return uri, python_model.predictor
+
+
+def trial_weights(tracker: Tracker, uri: str
+                  ) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+    """A trial's pt2 model as a state dict for `imgcls.models.build_model`, and its
+    preprocessing (the `imgcls` metadata it was logged with)."""
+    from imgcls.predict import Preprocessing
+
+    _, metadata = model_info(tracker, uri)
+    if "imgcls" not in metadata:
+        raise ConfigError(f"the model {uri} has no 'imgcls' metadata (classes, image size, "
+                          "normalization), so it cannot predict; promote a trial logged by "
+                          "imgcls-hpo")
+    preprocessing = Preprocessing.from_metadata(metadata["imgcls"])
+    return load_weights(tracker, uri), preprocessing

@@ -1,0 +1,484 @@
+"""The `imgcls-hpo` command line. Thin: it parses, calls hpo's modules, and renders.
+
+Exit codes: 0 success; 2 bad input (one line naming the problem, no traceback); 1 anything
+unexpected (with its traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from hpo.search.backends.optuna.pruners import PRUNERS
+from hpo.search.backends.optuna.samplers import SAMPLERS
+from imgcls.errors import ImgclsError
+from imgcls.metrics import OBJECTIVE_METRICS
+
+app = typer.Typer(
+    name="imgcls-hpo", no_args_is_help=True, add_completion=False,
+    help="Experiment-tracked hyperparameter search for image classification.",
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Print an ImgclsError as one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImgclsError as exc:
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Options shared by every command that reads or writes the store.
+StoreOpt = typer.Option(None, "--store", envvar="IMGCLS_HPO_STORE", show_default="./mlruns",
+                        help="Folder of the MLflow database, artifacts, Optuna journal, cache.")
+TrackingOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                           help="MLflow tracking URI (a server, or a database) instead of the "
+                                "store's mlflow.db.")
+StorageOpt = typer.Option(None, "--storage",
+                          help="Optuna storage instead of the store's journal file: a database "
+                               "URL (sqlite:///optuna.db, postgresql://...) or a journal file.")
+
+
+def _spec_option(flag: str, what: str) -> Any:
+    return typer.Option(None, flag, metavar="SPEC", help=f"{what}: LOW..HIGH, LOW..HIGH:log, "
+                        "A,B,C or a fixed value.", rich_help_panel="Search space")
+
+
+@app.command()
+@user_errors
+def search(
+    study: str = typer.Argument(..., help="A study name under ./studies, or a YAML file."),
+    trials: int | None = typer.Option(None, "--trials", help="Finished trials wanted in total."),
+    max_epochs: int | None = typer.Option(None, "--max-epochs"),
+    patience: int | None = typer.Option(None, "--patience",
+                                        help="Epochs without improvement before a trial stops."),
+    seed: int | None = typer.Option(None, "--seed"),
+    image_size: int | None = typer.Option(None, "--image-size"),
+    data: Path | None = typer.Option(None, "--data", help="The data folder."),
+    objective: list[str] | None = typer.Option(
+        None, "--objective", metavar="METRIC[:max|min]",
+        help=f"A validation metric: {', '.join(OBJECTIVE_METRICS)}. Repeat it for a Pareto "
+             "search, e.g. --objective val_f1 --objective flops:min (also macs, params_count)."),
+    skip_bad_images: bool = typer.Option(
+        False, "--skip-bad-images",
+        help="Leave out unreadable files and placeholders (listed in the study run) instead of "
+             "stopping."),
+    settings: list[str] | None = typer.Option(
+        None, "--set", metavar="KEY=VALUE",
+        help="Any study setting, e.g. data.split=sorted, data.classes=[health,tb], "
+             "weights_dir=~/weights (values read as YAML)."),
+    sampler: str | None = typer.Option(None, "--sampler",
+                                       help=f"Optuna: {', '.join(SAMPLERS.names())}; Ray: tpe, "
+                                            "random."),
+    pruner: str | None = typer.Option(None, "--pruner",
+                                      help=f"Optuna: {', '.join(PRUNERS.names())}; Ray: asha, "
+                                           "hyperband, pbt, none."),
+    gpus: str | None = typer.Option(None, "--gpus", help="all (every visible GPU, else the "
+                                    "CPU), none (CPU), or GPU ids such as 0,1,3."),
+    trials_per_gpu: int | None = typer.Option(None, "--trials-per-gpu",
+                                              help="Trials sharing each GPU."),
+    workers: int | None = typer.Option(None, "--workers",
+                                       help="Trials in parallel on the CPU (cores divided)."),
+    timeout: str | None = typer.Option(None, "--timeout", metavar="DURATION",
+                                       help="Start no new trial after this long: 90m, 2h, 1h30m."),
+    enqueue: list[str] | None = typer.Option(
+        None, "--enqueue", metavar="NAME=VALUE,...",
+        help="Run this configuration first, e.g. lr=0.001,batch_size=32,arch=resnet18 "
+             "(repeatable)."),
+    backend: str | None = typer.Option(None, "--backend", help="optuna or ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address",
+                                           help="Join this Ray cluster (backend ray)."),
+    compile_model: bool = typer.Option(
+        False, "--compile",
+        help="torch.compile each trial's model: seconds of compilation per trial, paid back "
+             "with small batches and ViTs."),
+    lr: str | None = _spec_option("--lr", "Learning rate"),
+    momentum: str | None = _spec_option("--momentum", "SGD momentum / Adam beta1"),
+    batch_size: str | None = _spec_option("--batch-size", "Batch size"),
+    arch: str | None = _spec_option("--arch", "Architecture"),
+    weight_decay: str | None = _spec_option("--weight-decay", "Weight decay"),
+    dropout: str | None = _spec_option("--dropout", "Dropout before the head"),
+    label_smoothing: str | None = _spec_option("--label-smoothing", "Label smoothing"),
+    param: list[str] | None = typer.Option(None, "--param", metavar="NAME=SPEC",
+                                           help="Any other hyperparameter (optimizer, hflip).",
+                                           rich_help_panel="Search space"),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+    storage: str | None = StorageOpt,
+) -> None:
+    """Run (or resume) a hyperparameter search; every trial is tracked in MLflow."""
+    from hpo.cli.progress import SearchProgress, summary_table
+    from hpo.config.space import SpaceError
+    from hpo.config.store import Store
+    from hpo.config.study import StudyError, load_study, parse_assignments, parse_duration
+    from hpo.search.run import pareto_front, run_search
+
+    overrides: dict[str, Any] = {
+        "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
+        "objective": (objective[0] if len(objective) == 1 else objective) if objective else None,
+        "sampler": sampler, "pruner": pruner, "gpus": gpus,
+        "trials_per_gpu": trials_per_gpu, "workers": workers, "backend": backend,
+        "ray_address": ray_address,
+        "timeout": parse_duration(timeout) if timeout is not None else None,
+        "enqueue": [parse_assignments(item) for item in enqueue] if enqueue else None,
+        "data.image_size": image_size, "data.path": str(data) if data else None,
+        "space.lr": lr, "space.momentum": momentum, "space.batch_size": batch_size,
+        "space.arch": arch, "space.weight_decay": weight_decay, "space.dropout": dropout,
+        "space.label_smoothing": label_smoothing,
+    }
+    if skip_bad_images:
+        overrides["data.skip_bad_images"] = True
+    if compile_model:
+        overrides["compile"] = True
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or key.strip().startswith("space."):
+            raise StudyError(f"--set {item!r}: expected KEY=VALUE for a study setting, e.g. "
+                             "data.split=sorted (search-space entries take --param)")
+        overrides[key.strip()] = _yaml_value(item, value)
+    for item in param or []:
+        name, sep, spec_text = item.partition("=")
+        if not sep or not name.strip():
+            raise SpaceError(f"--param {item!r}: expected NAME=SPEC, e.g. optimizer=sgd,adamw")
+        overrides[f"space.{name.strip()}"] = spec_text
+    spec = load_study(study, overrides)
+    where = Store.resolve(store, tracking_uri, storage)
+    if spec.objectives and spec.pruner != "none":
+        err_console.print(f"[yellow]note:[/] pruning is off in a Pareto search ({spec.pruner} "
+                          "compares one value per epoch)", soft_wrap=True)
+
+    try:
+        with SearchProgress(console, where) as progress:
+            result = run_search(spec, where, progress, progress.data_progress)
+    except KeyboardInterrupt:
+        err_console.print("\ninterrupted: the running trial is recorded as failed "
+                          "(interrupted). Run the same command again to continue the study.")
+        raise typer.Exit(130) from None
+
+    for name in result.changed_settings:
+        console.print(f"[yellow]note:[/] {name} differs from the value the study run recorded "
+                      "first; each trial run records the values it used.")
+    console.print()
+    if result.best is not None:
+        console.print(summary_table(result))
+    console.print(f"{len(result.trials)} trials in study {spec.name}: "
+                  f"{_state_counts(result.trials)}.", soft_wrap=True)
+    if spec.objectives:
+        front = pareto_front(result.trials, spec)
+        names = ", ".join(name for name, _ in spec.terms)
+        console.print(f"Pareto-optimal trials ({names}): "
+                      + (", ".join(f"{t.number} ({', '.join(f'{v:.4g}' for v in t.values or [])})"
+                                   for t in front) or "none yet")
+                      + "; tagged imgcls_hpo.pareto=true in MLflow.", soft_wrap=True)
+    console.print(_ui_hint(where, store), soft_wrap=True)  # a command to copy: never wrapped
+    if result.best is None:
+        err_console.print("error: no trial completed; the failure reasons are listed above")
+        raise typer.Exit(1)
+
+
+def _state_counts(trials: Any) -> str:
+    """ "3 complete, 8 pruned, 1 failed" and, where there are any, interrupted and lost."""
+    from hpo.config.trial import TrialState
+
+    counts = trials.counts()
+    shown = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED]
+    shown += [s for s in (TrialState.INTERRUPTED, TrialState.LOST, TrialState.RUNNING)
+              if counts[s]]
+    return ", ".join(f"{counts[s]} {s.label}" for s in shown)
+
+
+def _yaml_value(item: str, text: str) -> Any:
+    import yaml
+
+    from hpo.config.study import StudyError
+
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise StudyError(f"--set {item!r}: the value is not valid YAML") from None
+
+
+def _ui_hint(where: Any, store_arg: Path | None) -> str:
+    if not where.tracking_is_local:
+        return f"Compare the trials in the MLflow UI at {where.tracking_uri}"
+    flag = f" --store {store_arg}" if store_arg else ""
+    return (f"Compare the trials in the MLflow UI: [bold]imgcls-hpo ui{flag}[/], "
+            "then open http://127.0.0.1:5000")
+
+
+@app.command()
+@user_errors
+def models(
+    classes: int = typer.Option(1000, "--classes", help="Number of classes of the head."),
+    image_size: int = typer.Option(224, "--image-size"),
+    channels: int = typer.Option(3, "--channels"),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list instead of a table."),
+) -> None:
+    """List the architectures with their parameter count and FLOPs for one image."""
+    from imgcls.errors import ConfigError
+    from imgcls.models.catalog import MODELS, check_image_size
+    from imgcls.profile import profile_architecture
+
+    if classes < 2 or channels < 1 or image_size < 1:
+        raise ConfigError("--classes must be at least 2, --channels and --image-size at least 1")
+    rows, skipped = [], []
+    for entry in MODELS:
+        try:
+            check_image_size(entry.name, image_size)
+        except ConfigError as exc:
+            skipped.append(str(exc).split(";")[0])  # the reason, without "the study uses"
+            continue
+        rows.append(profile_architecture(entry.name, classes, channels, image_size))
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        for note in skipped:
+            err_console.print(f"note: {note}")
+        return
+    table = Table(title=f"Architectures for {classes} classes, {channels}x{image_size}x"
+                        f"{image_size} input", title_justify="left")
+    for column in ("architecture", "parameters", "GFLOPs", "GMACs"):
+        table.add_column(column, justify="left" if column == "architecture" else "right")
+    for r in rows:
+        table.add_row(r.name, f"{r.params:,}", f"{r.flops / 1e9:.3f}", f"{r.macs / 1e9:.3f}")
+    for note in skipped:
+        table.add_row(note.split()[0], "[dim]" + note.split(" ", 1)[1] + "[/]", "", "")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def ui(
+    port: int = typer.Option(5000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind; 0.0.0.0 exposes the UI to the network."),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Start the MLflow UI on the project's store."""
+    from hpo.config.store import Store
+    from imgcls.errors import ConfigError
+
+    where = Store.resolve(store, tracking_uri)
+    if not where.tracking_is_local:
+        console.print(f"{where.tracking_uri} is a tracking server: open it in a browser.")
+        return
+    database = where.root / "mlflow.db"
+    if where.tracking_uri.startswith("sqlite:") and not database.exists():
+        raise ConfigError(f"no MLflow store at {where.root}: run `imgcls-hpo search` first, "
+                          "or pass --store")
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    command = [mlflow_cli, "ui", "--backend-store-uri", where.tracking_uri,
+               "--host", host, "--port", str(port),
+               # experiments made in the UI keep their artifacts under the store too
+               "--artifacts-destination", where.artifact_root.as_uri()]
+    console.print(f"MLflow UI on http://{host}:{port} for {where.tracking_uri} (Ctrl-C stops it)")
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def _open_store(store: Path | None, tracking_uri: str | None) -> tuple[Any, Any]:
+    """The store a search wrote, and a tracker on it; a one-line error when there is none."""
+    from hpo.config.store import Store
+    from hpo.tracking.client import Tracker
+    from imgcls.errors import ConfigError
+
+    where = Store.resolve(store, tracking_uri)
+    if where.tracking_uri.startswith("sqlite:") and not (where.root / "mlflow.db").exists():
+        raise ConfigError(f"no MLflow store at {where.root}: run `imgcls-hpo search` first, "
+                          "or pass --store")
+    return where, Tracker(where.tracking_uri, where.artifact_root)
+
+
+@app.command()
+@user_errors
+def results(
+    study: str = typer.Argument(..., help="The study to report on (it may still be running)."),
+    top: int = typer.Option(10, "--top", min=1, help="Trials in the table."),
+    x: str = typer.Option("lr", "--x", help="3D plot axis: a hyperparameter or a metric."),
+    y: str = typer.Option("batch_size", "--y"),
+    z: str | None = typer.Option(None, "--z", show_default="min_val_loss, else the objective"),
+    color: str = typer.Option("arch", "--color"),
+    out: Path | None = typer.Option(None, "--out", show_default="<store>/results/<study>"),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Tables, the 3D hyperparameter plot and Optuna's views of a study, also logged to its
+    MLflow study run."""
+    from hpo.after.results import write_results
+    from hpo.cli.progress import format_value
+    from hpo.tracking.records import load_record
+
+    where, tracker = _open_store(store, tracking_uri)
+    record = load_record(tracker, study)
+    out_dir = out or where.root / "results" / study
+    report = write_results(tracker, record, out_dir, top=top, x=x, y=y, z=z, color=color)
+    table = report.table
+    view = Table(title=f"Study {study}: best {len(table.rows)} finished trials by "
+                       f"{table.objective}", title_justify="left")
+    for column in ("trial", "state", table.objective, *table.searched,
+                   f"{table.test_metric} (95% CI)", "params", "GFLOPs", "MLflow run"):
+        view.add_column(column, justify="left" if column in ("state", "MLflow run") else "right",
+                        no_wrap=column not in table.searched)
+    for row in table.rows:
+        test = "-" if row.test is None else f"{row.test:.3f}"
+        if row.test_ci is not None:
+            test += f" [{row.test_ci[0]:.2f}, {row.test_ci[1]:.2f}]"
+        view.add_row(str(row.number), row.state, f"{row.value:.4f}",
+                     *(format_value(row.params.get(name, "")) for name in table.searched), test,
+                     f"{row.params_count:,}" if row.params_count is not None else "-",
+                     f"{row.flops / 1e9:.3g}" if row.flops is not None else "-",
+                     row.run_id[:8])
+    console.print(view)
+    counts = ", ".join(f"{n} {state.label}" for state, n in table.counts.items() if n)
+    console.print(f"{sum(table.counts.values())} trials: {counts}.")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    console.print(f"Written to {report.out_dir}: "
+                  f"{', '.join(p.name for p in report.files)}"
+                  + (" (also in the study run's results/)" if report.study_run_id else ""),
+                  soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def promote(
+    study: str = typer.Argument(..., help="The study whose best trial to register."),
+    metric: str | None = typer.Option(None, "--metric",
+                                      help="Rank by this logged metric instead of the objective "
+                                           "(e.g. test_f1, val_auc)."),
+    name: str | None = typer.Option(None, "--name", help="Registered model name.",
+                                    show_default="<study>-classifier"),
+    alias: str = typer.Option("champion", "--alias"),
+    run_id: str | None = typer.Option(None, "--run-id", help="Promote this trial run instead."),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Register a trial's model in the MLflow Model Registry and move an alias to it."""
+    from hpo.after.promote import promote as promote_trial
+    from hpo.tracking.records import load_record
+
+    _, tracker = _open_store(store, tracking_uri)
+    record = load_record(tracker, study)
+    done = promote_trial(tracker, record, metric=metric, name=name, alias=alias, run_id=run_id)
+    previous = (f"; version {done.previous_version} is now @previous"
+                if done.previous_version else "")
+    chosen = f"{done.metric} = {done.value:.4f}" if done.value is not None else done.metric
+    action = "Registered" if done.created else "Already registered:"
+    console.print(f"{action} trial {done.trial} (run {done.run_id}, {chosen}) as "
+                  f"[bold]{done.name}[/] version {done.version}, alias @{alias}{previous}.",
+                  soft_wrap=True)
+    console.print(done.uri, soft_wrap=True)
+
+
+_ModelArg = typer.Argument(..., metavar="MODEL",
+                           help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, "
+                                "runs:/ID/classifier, or a study name (its "
+                                "<study>-classifier@champion).")
+_PathsArg = typer.Argument(..., help="Image files or folders (searched recursively).")
+
+
+@app.command()
+@user_errors
+def predict(
+    model: str = _ModelArg,
+    paths: list[Path] = _PathsArg,
+    threshold: float | None = typer.Option(
+        None, "--threshold", min=0, max=1,
+        help="Below this top probability an image is 'unknown'."),
+    out: Path | None = typer.Option(None, "--out", help="Write the predictions to this CSV."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Classify images with a registered (or any logged) model."""
+    from rich.progress import Progress
+
+    from hpo.after.models import resolve_model
+    from imgcls.predict import image_files, summary, write_csv
+
+    _, tracker = _open_store(store, tracking_uri)
+    uri, predictor = resolve_model(tracker, model)
+    files = image_files(paths)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task(f"classifying {len(files):,} images", total=len(files))
+        predictions = predictor.predict_files(
+            files, batch_size=batch_size, threshold=threshold,
+            progress=lambda done, total: bar.update(task, completed=done))
+    if out is not None:
+        write_csv(predictions, out, predictor.classes)
+    else:
+        table = Table(title=f"{uri}", title_justify="left")
+        for column in ("file", "prediction", "probability"):
+            table.add_column(column, justify="right" if column == "probability" else "left")
+        for p in predictions:
+            table.add_row(p.file, p.prediction or f"[red]unreadable: {p.error}[/]",
+                          f"{p.probability:.4f}" if p.probability is not None else "")
+        console.print(table)
+    counts = summary(predictions)
+    per_class = ", ".join(f"{c}: {n}" for c, n in counts["classes"].items() if n)
+    console.print(f"{counts['images']} images with {uri}: {per_class}"
+                  + (f", {counts['unknown']} unknown" if threshold is not None else "")
+                  + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
+                  + (f"; written to {out}" if out is not None else ""), soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def explain(
+    model: str = _ModelArg,
+    paths: list[Path] = _PathsArg,
+    out: Path = typer.Option(..., "--out", help="Folder for the overlays and plots."),
+    embed: bool = typer.Option(False, "--embed",
+                               help="Also a t-SNE plot of the penultimate-layer features."),
+    store: Path | None = StoreOpt,
+    tracking_uri: str | None = TrackingOpt,
+) -> None:
+    """Grad-CAM overlays of what the model looked at, per image (and a t-SNE of the images)."""
+    from hpo.after.models import resolve_model
+    from imgcls.explain import explain_files
+
+    _, tracker = _open_store(store, tracking_uri)
+    uri, predictor = resolve_model(tracker, model)
+    report = explain_files(predictor, paths, out, embed=embed)
+    for note in report.unreadable:
+        err_console.print(f"[yellow]unreadable, left out:[/] {note}", soft_wrap=True)
+    overlays = len(report.written) - embed
+    console.print(f"{overlays} Grad-CAM overlays{' and tsne.png' if embed else ''} of {uri} "
+                  f"written to {out}", soft_wrap=True)
+
+
+def main() -> None:
+    # Piped into a log, rich would assume 80 columns and squeeze the trials table.
+    for c in (console, err_console):
+        if not c.is_terminal and "COLUMNS" not in os.environ:
+            c.width = 160
+    app()
+
+
+if __name__ == "__main__":
+    main()

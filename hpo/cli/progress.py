@@ -1,0 +1,200 @@
+"""What a running search shows: live progress while it runs, a table of the best trials after."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from hpo.config.space import Scalar
+from hpo.config.store import Store
+from hpo.config.study import StudySpec
+from hpo.config.trial import TrialOutcome, Trials, TrialState, test_counterpart
+
+if TYPE_CHECKING:
+    from hpo.search.run import SearchResult
+    from imgcls.data.prepare import PreparedData
+
+STATE_STYLE = {TrialState.COMPLETE: "green", TrialState.PRUNED: "yellow",
+               TrialState.FAILED: "red", TrialState.INTERRUPTED: "magenta",
+               TrialState.LOST: "magenta", TrialState.RUNNING: "cyan"}
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def format_params(params: Mapping[str, Scalar], names: list[str] | None = None) -> str:
+    keys = names if names is not None else list(params)
+    return ", ".join(f"{k}={format_value(params[k])}" for k in keys if k in params)
+
+
+class SearchProgress:
+    """Live view of a search: trials finished / pruned / failed of N with a time estimate, the
+    best value so far and its parameters, and the running trial's epoch. Each finished trial
+    also prints one line, which stays in the terminal (and in logs, where nothing is live)."""
+
+    def __init__(self, console: Console, store: Store) -> None:
+        self.console = console
+        self.store = store
+        self.trials = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                               TimeRemainingColumn(), console=console)
+        self.epochs = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+                               console=console)
+        self.images = Progress(TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.best_line = Text("")
+        # One live display for everything: rich allows a single one at a time.
+        self.live = Live(Group(self.images, self.trials, self.epochs, self.best_line),
+                         console=console, refresh_per_second=4, transient=True)
+        self.spec: StudySpec | None = None
+        self.finished: Trials | None = None  # the trials that ended so far, and count
+        self._trial_task = self._epoch_task = self._images_task = None
+        self._searched: list[str] = []
+
+    def __enter__(self) -> SearchProgress:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.live.__exit__(kind, exc, tb)
+
+    def data_progress(self, done: int, total: int) -> None:
+        """Images decoded (or found in the cache) so far."""
+        if self._images_task is None:
+            self._images_task = self.images.add_task("decoding images", total=total)
+        self.images.update(self._images_task, completed=done)
+        if done >= total:
+            self.images.update(self._images_task, visible=False)
+
+    # -- SearchObserver ------------------------------------------------------------------------
+
+    def study_started(self, spec: StudySpec, data: PreparedData,
+                      previous: list[TrialOutcome]) -> None:
+        self.spec = spec
+        self.finished = Trials(spec.objective)
+        counts = data.split.counts()
+        config = data.config
+        self.console.print(
+            f"Study [bold]{spec.name}[/]: {len(data.catalog):,} images, {data.num_classes} "
+            f"classes (train {counts['train']:,} · val {counts['val']:,} · test "
+            f"{counts['test']:,}), {config.image_size}px, "
+            f"{'grayscale' if config.channels == 1 else 'RGB'}\n"
+            f"{spec.trials} trials of up to {spec.max_epochs} epochs "
+            f"{'maximizing' if spec.direction == 'max' else 'minimizing'} {spec.objective}; "
+            f"searching {', '.join(p.name for p in spec.space.searched) or 'nothing'}\n"
+            f"[dim]store {self.store.root} · tracking {self.store.tracking_uri}[/]"
+        )
+        if data.skipped:
+            self.console.print(
+                f"[yellow]left out {len(data.skipped)} unusable image(s)[/] (--skip-bad-images; "
+                "listed in the study run's skipped_images.txt): "
+                + "; ".join(data.skipped[:3]) + ("; ..." if len(data.skipped) > 3 else "")
+            )
+        self._searched = [p.name for p in spec.space.searched]
+        done = [t for t in previous if t.state.counts]
+        for t in done:
+            self.finished.add(t)
+        if done:
+            self.console.print(f"Resuming study [bold]{spec.name}[/]: {len(done)} of "
+                               f"{spec.trials} trials already finished.")
+        self._trial_task = self.trials.add_task(self._summary(), total=spec.trials,
+                                                completed=min(len(done), spec.trials))
+        self._update_best()
+
+    def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
+        assert self.spec is not None
+        if self._epoch_task is not None:
+            self.epochs.remove_task(self._epoch_task)
+        arch = params.get("arch") or self.spec.space.fixed_values().get("arch", "")
+        self._epoch_task = self.epochs.add_task(f"trial {number} {arch} · epoch",
+                                                total=self.spec.max_epochs, last="")
+
+    def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        assert self.spec is not None
+        objective = self.spec.objective
+        last = f"{objective} {metrics[objective]:.4f}  train_loss {metrics['train_loss']:.4f}"
+        self.epochs.update(self._epoch_task, completed=epoch, last=last)
+
+    def trial_finished(self, outcome: TrialOutcome) -> None:
+        assert self.spec is not None and self.finished is not None
+        self.finished.add(outcome)
+        self.trials.update(self._trial_task, advance=1, description=self._summary())
+        self._update_best()
+        style = STATE_STYLE.get(outcome.state, "")
+        value = f"{self.spec.objective} {outcome.value:.4f}" if outcome.value is not None else ""
+        detail = outcome.fail_reason if not outcome.state.has_result else \
+            f"{value} at epoch {outcome.best_epoch}/{outcome.epochs}"
+        self.console.print(
+            f"trial {outcome.number:>3} [{style}]{outcome.state.stored:<8}[/] {detail}  "
+            f"({outcome.seconds:.1f}s)  [dim]{format_params(outcome.params, self._searched)}[/]"
+        )
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def _summary(self) -> str:
+        assert self.finished is not None
+        c = self.finished.counts()
+        return (f"trials: [green]{c[TrialState.COMPLETE]} complete[/] · "
+                f"[yellow]{c[TrialState.PRUNED]} pruned[/] · [red]{c[TrialState.FAILED]} failed[/]")
+
+    def _update_best(self) -> None:
+        assert self.spec is not None and self.finished is not None
+        best = self.finished.best
+        if best is None:
+            self.best_line.plain = f"best {self.spec.objective}: none yet"
+            return
+        self.best_line.plain = (
+            f"best {self.spec.objective} {best.value:.4f} (trial {best.number}): "
+            f"{format_params(best.params, self._searched)}"
+        )
+
+
+def summary_table(result: SearchResult, top: int = 5) -> Table:
+    """The best finished trials, best first, with the parameters the study searched."""
+    spec = result.spec
+    searched = [p.name for p in spec.space.searched]
+    ranked = result.trials.ranked()
+    table = Table(title=f"Study {spec.name}: best {min(top, len(ranked))} trials "
+                        f"by {spec.objective} ({'higher' if spec.direction == 'max' else 'lower'}"
+                        " is better)", title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column(spec.objective, justify="right", style="bold")
+    table.add_column("epoch", justify="right")
+    for name in searched:
+        table.add_column(name, justify="right")
+    test = test_counterpart(spec.objective)
+    table.add_column(f"{test} (95% CI)", justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("MLflow run")
+    for t in ranked[:top]:
+        table.add_row(str(t.number), f"{t.value:.4f}", f"{t.best_epoch}/{t.epochs}",
+                      *(format_value(t.params.get(name, "")) for name in searched),
+                      _with_interval(t.test, test), f"{t.seconds:.0f}s", (t.run_id or "")[:12])
+    return table
+
+
+def _with_interval(metrics: Mapping[str, float], name: str) -> str:
+    if name not in metrics:
+        return "-"
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{metrics[name]:.4f}{interval}"

@@ -1,0 +1,78 @@
+"""Where an Optuna study lives: the journal file under the store, or --storage (a database URL,
+a Redis URL, a journal file on a shared file system); and the study opened in it with the
+spec's sampler and pruner."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpo.config.study import StudyError, StudySpec
+from hpo.search.backends.optuna.pruners import PRUNERS
+from hpo.search.backends.optuna.samplers import SAMPLERS, sampler_seed
+from imgcls.errors import first_line
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.config.store import Store
+
+# RDB storages keep each running trial's heartbeat: a trial whose worker has not beaten for
+# HEARTBEAT_GRACE_S seconds is taken as lost, wherever it ran (see recovery). Beats are cheap
+# (one row update); the grace outlasts a busy host's stalls.
+HEARTBEAT_S = 60
+HEARTBEAT_GRACE_S = 600
+
+
+def make_storage(store: Store) -> optuna.storages.BaseStorage:
+    """The journal file under the store; or --storage: a database URL (sqlite:///...,
+    postgresql://...), a Redis URL (redis://..., Optuna's journal kept in Redis), or a path,
+    taken as a journal file (works on shared file systems)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    target = store.optuna_storage
+    if target and target.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from optuna.storages.journal import JournalRedisBackend
+
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.1
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.JournalStorage(JournalRedisBackend(target))
+        except ImportError:
+            raise StudyError(f"--storage {target} needs the redis package: pip install redis"
+                             ) from None
+        except Exception as exc:
+            raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
+                             ) from None
+    if target and "://" in target:
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(target, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=HEARTBEAT_GRACE_S)
+        except Exception as exc:  # driver missing, server down, bad URL: all the user's to fix
+            raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
+                             ) from None
+    path = Path(target).expanduser() if target else store.journal_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_optuna_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
+                      fresh_seed: int) -> optuna.Study:
+    """The study in `storage`, created on first use, with the spec's sampler and pruner. Each
+    worker process opens it too. `fresh_seed`: a seed no other process of the study uses (see
+    sampler_seed)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to show
+    return optuna.create_study(
+        study_name=spec.name, storage=storage, load_if_exists=True,
+        directions=["maximize" if direction == "max" else "minimize"
+                    for _, direction in spec.terms],
+        sampler=SAMPLERS.get(spec.sampler)(sampler_seed(spec.sampler, spec.seed, fresh_seed),
+                                           spec.trials, spec.space),
+        pruner=PRUNERS.get(spec.pruner)(spec.max_epochs),
+    )

@@ -1,0 +1,103 @@
+"""Models in MLflow: the one helper that logs a model into a run (a trial's pt2 model, the
+promoted classifier), and reading a logged model back: its flavors and metadata, its weights,
+its python model."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from hpo.tracking.client import fluent_tracking_uri
+from hpo.tracking.interrupts import interrupts_held
+from imgcls.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+
+    from hpo.tracking.client import Tracker
+
+
+def log_model(tracker: Tracker, run_id: str, name: str, flavor: str, *,
+              with_run_params: bool = False, **model_args: Any) -> str:
+    """Log a model into run `run_id` as `name`, in MLflow's `flavor` ("pytorch", "pyfunc"), and
+    return its model id. `model_args` are what that flavor's log_model takes (pytorch_model,
+    python_model, artifacts, signature, input_example, metadata...).
+
+    The logged model is created through the client in the run's experiment and linked to the
+    run, as mlflow.<flavor>.log_model does, but with no fluent run opened or ended: a finished
+    trial keeps its end time. `with_run_params`: the model records the run's params (a trial's
+    hyperparameters). A model that fails to log is marked FAILED, never left PENDING, and the
+    error raises. Ctrl-C waits for the export (seconds) so that the store is not left locked.
+    """
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    client = tracker.client
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id,
+        params=run.data.params if with_run_params else None)
+    try:
+        # Model.log is what mlflow.<flavor>.log_model calls; given the logged model and the
+        # run, it needs no active run. It reads the global tracking URI: set for the call.
+        with fluent_tracking_uri(tracker.uri), interrupts_held():
+            Model.log(artifact_path=None, name=name,
+                      flavor=importlib.import_module(f"mlflow.{flavor}"), run_id=run_id,
+                      model_id=logged.model_id, **model_args)
+    except BaseException:
+        # (a Ctrl-C comes once the export has ended: the interrupted trial's model is not one
+        # to use either)
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    return logged.model_id
+
+
+def tensor_signature(input_example: np.ndarray, num_classes: int) -> ModelSignature:
+    """The signature MLflow infers by running a classifier once: a float tensor of any batch
+    size in (the example's other dimensions), one score per class out, in the same dtype."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    dtype = np.dtype(input_example.dtype)
+    return ModelSignature(Schema([TensorSpec(dtype, (-1, *input_example.shape[1:]))]),
+                          Schema([TensorSpec(dtype, (-1, num_classes))]))
+
+
+def model_info(tracker: Tracker, uri: str) -> tuple[list[str], dict[str, Any]]:
+    """The flavors and the metadata of the logged model `uri`; ConfigError when there is none
+    to read (an unreadable MLmodel, a missing artifact)."""
+    import mlflow
+
+    with fluent_tracking_uri(tracker.uri):
+        try:
+            info = mlflow.models.get_model_info(uri)
+        except Exception as exc:
+            raise ConfigError(f"cannot load the model {uri} from the tracking store "
+                              f"{tracker.uri} ({first_line(exc)})") from None
+    return list(info.flavors), dict(info.metadata or {})
+
+
+def load_weights(tracker: Tracker, uri: str) -> dict[str, torch.Tensor]:
+    """The state dict of the pytorch-flavored model `uri` (a trial's pt2 model)."""
+    import mlflow
+
+    with fluent_tracking_uri(tracker.uri):
+        module = mlflow.pytorch.load_model(uri)
+    return dict(module.state_dict())
+
+
+def load_python_model(tracker: Tracker, uri: str) -> object | None:
+    """The python model inside the pyfunc `uri`, loaded (its load_context run); None for a
+    pyfunc of another flavor, which has none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with fluent_tracking_uri(tracker.uri):
+        model = mlflow.pyfunc.load_model(uri)
+    try:
+        return model.unwrap_python_model()
+    except MlflowException:
+        return None

@@ -1,0 +1,23 @@
+"""How the MLflow layout names things: tags, the trial model's name, and each trial state's
+MLflow run status. Plain constants: importing this module imports no MLflow."""
+
+from __future__ import annotations
+
+from hpo.config.trial import TrialState
+
+TAG_ROLE = "imgcls_hpo.role"  # "study" for the parent run, "trial" for each trial's
+TAG_STUDY = "imgcls_hpo.study"
+TAG_TRIAL = "imgcls_hpo.trial_number"
+TAG_STATE = "imgcls_hpo.state"  # COMPLETE, PRUNED, FAIL (TrialState.stored), RUNNING
+TAG_FAIL_REASON = "imgcls_hpo.fail_reason"
+TAG_DEVICE = "imgcls_hpo.device"  # where a trial trained: "cpu", "cuda:1" (the search's index)
+TAG_WORKER = "imgcls_hpo.worker"  # the worker slot that ran it: "cpu/worker0", "gpu1/slot0"
+MODEL_NAME = "model"  # a COMPLETE trial's model in its run
+
+# How a trial's end shows in MLflow's own run status: a trial stopped from outside (Ctrl-C, a
+# lost worker) was KILLED, not FAILED.
+RUN_STATUS = {
+    TrialState.RUNNING: "RUNNING", TrialState.COMPLETE: "FINISHED",
+    TrialState.PRUNED: "FINISHED", TrialState.FAILED: "FAILED",
+    TrialState.INTERRUPTED: "KILLED", TrialState.LOST: "KILLED",
+}
