@@ -187,7 +187,9 @@ def test_a_search_where_no_trial_completes_exits_1(study_file: Path, tmp_path: P
                                  "--lr", "1e20"])
     assert result.exit_code == 1
     assert result.output.count("FAIL     diverged at epoch") == 2  # each trial says why
-    assert "no trial completed" in result.output
+    last = result.output.strip().splitlines()[-1]  # and the end lists the reasons
+    assert last.startswith("error: no trial completed: diverged at epoch ")
+    assert last.count("(1 trial)") + 2 * last.count("(2 trials)") == 2
 
 
 def test_an_unreachable_tracking_server_is_reported_at_once() -> None:
@@ -233,3 +235,35 @@ def test_a_redis_storage_without_its_client_says_what_to_install(study_file: Pat
         pytest.skip("the redis client is installed here")
     _bad_input(["search", str(study_file), "--store", str(tmp_path / "s"),
                 "--storage", "redis://localhost:6379"], "needs the redis package")
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    import typer.main
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    options = [(name, param) for name, command in commands.items() for param in command.params
+               if param.param_type_name == "option"]
+    assert len(commands) == 7 and len(options) > 40
+    assert [f"{name} {param.opts[0]}" for name, param in options
+            if not (param.help or "").strip()] == []
+
+
+def test_search_help_offers_only_what_runs() -> None:
+    from hpo.search.backends.optuna.pruners import PRUNERS
+    from hpo.search.backends.ray.schedulers import SCHEDULERS
+
+    text = " ".join(runner.invoke(app, ["search", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert f"Optuna: {', '.join(PRUNERS.names())}; Ray: {', '.join(SCHEDULERS.names())}" in text
+    assert "pbt" not in text  # no backend runs Population Based Training yet
+    assert "Architecture (imgcls-hpo models lists them): A,B,C or a fixed value." in text
+    assert "Learning rate: LOW..HIGH, LOW..HIGH:log, A,B,C or a fixed value." in text
+
+
+def test_help_answers_without_loading_the_heavy_libraries() -> None:
+    code = ("import sys\nfrom hpo.cli import main\nsys.argv = ['imgcls-hpo', 'search', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', *[m for m in ('torch', 'mlflow', 'optuna', 'ray', 'sklearn')"
+            " if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "LOADED"

@@ -1,4 +1,4 @@
-"""Ctrl-C held back while the store is written (`hpo.interrupts`)."""
+"""Ctrl-C held back while the store is written (`hpo.tracking.interrupts`)."""
 
 from __future__ import annotations
 

@@ -158,15 +158,18 @@ def long_functions(root: Path = ROOT) -> list[str]:
 
 
 def test_each_room_imports_only_what_the_layout_allows() -> None:
-    assert violations(every_import()) == []
+    problems = violations(every_import())
+    assert not problems, "\n".join(problems)
 
 
 def test_no_import_cycle_in_hpo_or_imgcls() -> None:
-    assert cycles(every_import(), set(modules())) == []
+    found = cycles(every_import(), set(modules()))
+    assert not found, "\n".join(" -> ".join(cycle) for cycle in found)
 
 
 def test_no_function_body_is_over_80_lines() -> None:
-    assert long_functions() == []
+    long = long_functions()
+    assert not long, "\n".join(long)
 
 
 def test_the_rules_catch_what_they_forbid(tmp_path: Path) -> None:
@@ -216,4 +219,5 @@ def _loaded_after(code: str) -> set[str]:
     ("import imgcls.models.catalog, imgcls.profile", set()),  # what `imgcls-hpo models` needs
 ])
 def test_light_modules_stay_light(code: str, allowed: set[str]) -> None:
-    assert _loaded_after(code) <= allowed
+    loaded = _loaded_after(code) - allowed
+    assert not loaded, f"{code!r} loads {', '.join(sorted(loaded))}"

@@ -13,6 +13,8 @@ from hpo.search.trial import StudyContext, run_trial
 from hpo.tracking.client import Tracker, fluent_tracking_uri
 from hpo.tracking.runs import open_study_run
 from imgcls.data import prepare_data
+from imgcls.errors import ConfigError
+from imgcls.metrics import metric_goal
 
 
 @pytest.fixture
@@ -78,6 +80,20 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
     assert model(x).shape == (3, 2)
     assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
     assert info.metadata["imgcls"]["image_size"] == 16
+    # every metric it logged ranks one way (promote --metric, results), but the three that say
+    # where a trial is rather than how good it is
+    unranked = {"lr", "best_epoch", "epochs"}
+    assert unranked <= set(metrics)
+    assert {name: metric_goal(name) for name in ("peak_memory_mb", "train_seconds", "flops",
+                                                 "min_val_loss", "test_log_loss_ci_low",
+                                                 "train_images_per_s", "best_val_f1")} == {
+        "peak_memory_mb": "min", "train_seconds": "min", "flops": "min", "min_val_loss": "min",
+        "test_log_loss_ci_low": "min", "train_images_per_s": "max", "best_val_f1": "max"}
+    for name in set(metrics) - unranked:
+        metric_goal(name)  # a metric with no known direction raises
+    for name in unranked:
+        with pytest.raises(ConfigError, match="has no better direction"):
+            metric_goal(name)
 
 
 def test_a_pruned_trial_keeps_its_metrics_but_logs_no_model(ctx: StudyContext) -> None:

@@ -171,6 +171,17 @@ def test_choose_trial_follows_each_metrics_direction(record: StudyRecord) -> Non
         assert trial.metrics[key] == _best(record, key).metrics[key]
 
 
+def test_promote_by_peak_memory_takes_the_trial_that_used_the_least(
+        tracker: Tracker, record: StudyRecord) -> None:
+    # a cost ranks lowest first, as every cost a trial logs does (imgcls.metrics.COSTS)
+    memory = {0: 300.0, 1: 100.0, 2: 200.0}
+    crafted = dataclasses.replace(record, trials=Trials(record.objective, (
+        dataclasses.replace(t, metrics={**t.metrics, "peak_memory_mb": memory[t.number]})
+        for t in record.trials)))
+    done = promote(tracker, crafted, metric="peak_memory_mb")
+    assert (done.trial, done.metric, done.value) == (1, "peak_memory_mb", 100.0)
+
+
 def test_the_version_is_tagged_with_what_it_is(tracker: Tracker, record: StudyRecord) -> None:
     promotion = promote(tracker, record)
     trial = next(t for t in record.trials if t.run_id == promotion.run_id)

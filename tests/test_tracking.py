@@ -1,5 +1,5 @@
 """A trial's model as `hpo.tracking` logs it, against a real MLflow store: what promotion
-(`hpo.registry`), `imgcls-hpo predict` and the MLflow UI read back."""
+(`hpo.after.promote`), `imgcls-hpo predict` and the MLflow UI read back."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _trial(tracker: Tracker) -> TrialRun:
 
 
 def _models(tracker: Tracker, run: TrialRun) -> list:  # type: ignore[type-arg]
-    """The run's logged models named `model`, searched as `hpo.registry` searches them."""
+    """The run's logged models named `model`, searched as `hpo.after.promote` searches them."""
     experiment = tracker.client.get_run(run.run_id).info.experiment_id
     return tracker.client.search_logged_models(
         [experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run.run_id}'")

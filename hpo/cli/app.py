@@ -21,8 +21,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+# Light imports only, for the help texts: registries of names and the hyperparameters' types
+# (none of these imports torch, Optuna, Ray or MLflow; tests/test_layout.py checks it).
+from hpo.config.hparams import HParams
+from hpo.search.backends import BACKENDS
 from hpo.search.backends.optuna.pruners import PRUNERS
 from hpo.search.backends.optuna.samplers import SAMPLERS
+from hpo.search.backends.ray.schedulers import RAY_SAMPLERS, SCHEDULERS
 from imgcls.errors import ImgclsError
 from imgcls.metrics import OBJECTIVE_METRICS
 
@@ -62,8 +67,12 @@ StorageOpt = typer.Option(None, "--storage",
 
 
 def _spec_option(flag: str, what: str) -> Any:
-    return typer.Option(None, flag, metavar="SPEC", help=f"{what}: LOW..HIGH, LOW..HIGH:log, "
-                        "A,B,C or a fixed value.", rich_help_panel="Search space")
+    """A search-space flag, with the SPEC forms its hyperparameter's type takes: a range only
+    for numbers (a name such as an architecture takes choices)."""
+    kind = HParams.kinds()[flag.removeprefix("--").replace("-", "_")]
+    forms = "LOW..HIGH, LOW..HIGH:log, A,B,C" if kind in (int, float) else "A,B,C"
+    return typer.Option(None, flag, metavar="SPEC", help=f"{what}: {forms} or a fixed value.",
+                        rich_help_panel="Search space")
 
 
 @app.command()
@@ -71,12 +80,18 @@ def _spec_option(flag: str, what: str) -> Any:
 def search(
     study: str = typer.Argument(..., help="A study name under ./studies, or a YAML file."),
     trials: int | None = typer.Option(None, "--trials", help="Finished trials wanted in total."),
-    max_epochs: int | None = typer.Option(None, "--max-epochs"),
+    max_epochs: int | None = typer.Option(None, "--max-epochs",
+                                          help="Epochs a trial trains at most."),
     patience: int | None = typer.Option(None, "--patience",
                                         help="Epochs without improvement before a trial stops."),
-    seed: int | None = typer.Option(None, "--seed"),
-    image_size: int | None = typer.Option(None, "--image-size"),
-    data: Path | None = typer.Option(None, "--data", help="The data folder."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of the split, the sampler and each trial's initialisation."),
+    image_size: int | None = typer.Option(None, "--image-size",
+                                          help="Side, in pixels, the images are resized to."),
+    data: Path | None = typer.Option(
+        None, "--data",
+        help="The data: a folder with a sub-folder per class, a CSV manifest (path,label) or a "
+             ".npz, as the study's data.source says (--set data.source=csv)."),
     objective: list[str] | None = typer.Option(
         None, "--objective", metavar="METRIC[:max|min]",
         help=f"A validation metric: {', '.join(OBJECTIVE_METRICS)}. Repeat it for a Pareto "
@@ -89,12 +104,13 @@ def search(
         None, "--set", metavar="KEY=VALUE",
         help="Any study setting, e.g. data.split=sorted, data.classes=[health,tb], "
              "weights_dir=~/weights (values read as YAML)."),
-    sampler: str | None = typer.Option(None, "--sampler",
-                                       help=f"Optuna: {', '.join(SAMPLERS.names())}; Ray: tpe, "
-                                            "random."),
-    pruner: str | None = typer.Option(None, "--pruner",
-                                      help=f"Optuna: {', '.join(PRUNERS.names())}; Ray: asha, "
-                                           "hyperband, pbt, none."),
+    sampler: str | None = typer.Option(
+        None, "--sampler",
+        help=f"Optuna: {', '.join(SAMPLERS.names())}; Ray: {', '.join(RAY_SAMPLERS)}."),
+    pruner: str | None = typer.Option(
+        None, "--pruner",
+        help=f"Optuna: {', '.join(PRUNERS.names())}; Ray: {', '.join(SCHEDULERS.names())} "
+             "(the same epochs of comparison as Optuna's)."),
     gpus: str | None = typer.Option(None, "--gpus", help="all (every visible GPU, else the "
                                     "CPU), none (CPU), or GPU ids such as 0,1,3."),
     trials_per_gpu: int | None = typer.Option(None, "--trials-per-gpu",
@@ -107,7 +123,8 @@ def search(
         None, "--enqueue", metavar="NAME=VALUE,...",
         help="Run this configuration first, e.g. lr=0.001,batch_size=32,arch=resnet18 "
              "(repeatable)."),
-    backend: str | None = typer.Option(None, "--backend", help="optuna or ray."),
+    backend: str | None = typer.Option(None, "--backend",
+                                       help=" or ".join(BACKENDS.names()) + "."),
     ray_address: str | None = typer.Option(None, "--ray-address",
                                            help="Join this Ray cluster (backend ray)."),
     compile_model: bool = typer.Option(
@@ -117,7 +134,7 @@ def search(
     lr: str | None = _spec_option("--lr", "Learning rate"),
     momentum: str | None = _spec_option("--momentum", "SGD momentum / Adam beta1"),
     batch_size: str | None = _spec_option("--batch-size", "Batch size"),
-    arch: str | None = _spec_option("--arch", "Architecture"),
+    arch: str | None = _spec_option("--arch", "Architecture (imgcls-hpo models lists them)"),
     weight_decay: str | None = _spec_option("--weight-decay", "Weight decay"),
     dropout: str | None = _spec_option("--dropout", "Dropout before the head"),
     label_smoothing: str | None = _spec_option("--label-smoothing", "Label smoothing"),
@@ -194,7 +211,8 @@ def search(
                       + "; tagged imgcls_hpo.pareto=true in MLflow.", soft_wrap=True)
     console.print(_ui_hint(where, store), soft_wrap=True)  # a command to copy: never wrapped
     if result.best is None:
-        err_console.print("error: no trial completed; the failure reasons are listed above")
+        err_console.print(f"error: no trial completed: {_why_none_completed(result.trials)}",
+                          soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -207,6 +225,21 @@ def _state_counts(trials: Any) -> str:
     shown += [s for s in (TrialState.INTERRUPTED, TrialState.LOST, TrialState.RUNNING)
               if counts[s]]
     return ", ".join(f"{counts[s]} {s.label}" for s in shown)
+
+
+def _why_none_completed(trials: Any) -> str:
+    """Each reason the failed trials gave, most frequent first, with how many gave it; without
+    a failure, how the trials ended ("3 pruned, 1 interrupted")."""
+    from collections import Counter
+
+    from hpo.config.trial import TrialState
+
+    reasons = Counter(t.fail_reason or "no reason recorded" for t in trials
+                      if t.state == TrialState.FAILED)
+    if not reasons:
+        return _state_counts(trials) if len(trials) else "the study holds no trial"
+    return "; ".join(f"{reason} ({n} trial{'s' if n > 1 else ''})"
+                     for reason, n in reasons.most_common())
 
 
 def _yaml_value(item: str, text: str) -> Any:
@@ -232,8 +265,9 @@ def _ui_hint(where: Any, store_arg: Path | None) -> str:
 @user_errors
 def models(
     classes: int = typer.Option(1000, "--classes", help="Number of classes of the head."),
-    image_size: int = typer.Option(224, "--image-size"),
-    channels: int = typer.Option(3, "--channels"),
+    image_size: int = typer.Option(224, "--image-size",
+                                   help="Side of the input image, in pixels."),
+    channels: int = typer.Option(3, "--channels", help="Input channels: 1 grey, 3 RGB."),
     as_json: bool = typer.Option(False, "--json", help="A JSON list instead of a table."),
 ) -> None:
     """List the architectures with their parameter count and FLOPs for one image."""
@@ -270,7 +304,7 @@ def models(
 @app.command()
 @user_errors
 def ui(
-    port: int = typer.Option(5000, "--port"),
+    port: int = typer.Option(5000, "--port", help="Port the UI listens on."),
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Interface to bind; 0.0.0.0 exposes the UI to the network."),
     store: Path | None = StoreOpt,
@@ -320,10 +354,13 @@ def results(
     study: str = typer.Argument(..., help="The study to report on (it may still be running)."),
     top: int = typer.Option(10, "--top", min=1, help="Trials in the table."),
     x: str = typer.Option("lr", "--x", help="3D plot axis: a hyperparameter or a metric."),
-    y: str = typer.Option("batch_size", "--y"),
-    z: str | None = typer.Option(None, "--z", show_default="min_val_loss, else the objective"),
-    color: str = typer.Option("arch", "--color"),
-    out: Path | None = typer.Option(None, "--out", show_default="<store>/results/<study>"),
+    y: str = typer.Option("batch_size", "--y", help="3D plot axis: a hyperparameter or a metric."),
+    z: str | None = typer.Option(None, "--z", show_default="min_val_loss, else the objective",
+                                 help="3D plot height: a metric or a hyperparameter."),
+    color: str = typer.Option("arch", "--color",
+                              help="What colours the points: a hyperparameter or a metric."),
+    out: Path | None = typer.Option(None, "--out", show_default="<store>/results/<study>",
+                                    help="Folder for trials.csv, the plots and the notes."),
     store: Path | None = StoreOpt,
     tracking_uri: str | None = TrackingOpt,
 ) -> None:
@@ -373,7 +410,8 @@ def promote(
                                            "(e.g. test_f1, val_auc)."),
     name: str | None = typer.Option(None, "--name", help="Registered model name.",
                                     show_default="<study>-classifier"),
-    alias: str = typer.Option("champion", "--alias"),
+    alias: str = typer.Option("champion", "--alias",
+                              help="The alias that moves to the new version."),
     run_id: str | None = typer.Option(None, "--run-id", help="Promote this trial run instead."),
     store: Path | None = StoreOpt,
     tracking_uri: str | None = TrackingOpt,
@@ -411,7 +449,8 @@ def predict(
         None, "--threshold", min=0, max=1,
         help="Below this top probability an image is 'unknown'."),
     out: Path | None = typer.Option(None, "--out", help="Write the predictions to this CSV."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1,
+                                   help="Images classified at a time."),
     store: Path | None = StoreOpt,
     tracking_uri: str | None = TrackingOpt,
 ) -> None:

@@ -63,7 +63,7 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 
 
 class _WholeCalls:
-    """An MlflowClient whose calls each end before Ctrl-C is raised (see hpo.interrupts): an
+    """An MlflowClient whose calls each end before Ctrl-C is raised (see interrupts.py): an
     interrupted trial can then still close its run."""
 
     def __init__(self, client: MlflowClient) -> None:

@@ -48,7 +48,7 @@ from hpo.search.backends.optuna.samplers import SAMPLERS
 from hpo.search.backends.ray.driver import LIVE, Driver, close_runs
 from hpo.search.backends.ray.placement import Placement, TrialSetup, plan_placement
 from hpo.search.backends.ray.runtime import quiet_tune, ray_runtime
-from hpo.search.backends.ray.schedulers import check_pruner, make_scheduler
+from hpo.search.backends.ray.schedulers import RAY_SAMPLERS, check_pruner, make_scheduler
 from hpo.search.backends.ray.tune import HaltSearch, RayTrial, StudySearch, TrialEvents
 from hpo.search.devices import plan_slots
 from hpo.tracking.client import Tracker
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
 STUDY_ATTRS = "imgcls_hpo.json"  # the study's attributes, in its Tune experiment folder
 TUNE_FINISHED = "tune_finished"  # attr: the last Tune run ended by itself (nothing to restore)
 ENQUEUED = "enqueued"  # attr: the configured `enqueue` entries already handed to a searcher
-RAY_SAMPLERS = ("tpe", "random")  # Optuna samplers that OptunaSearch drives trial by trial
 # Seconds a stopped trial may take to record its end (test evaluation, artifacts) once the
 # search is over, before its actor is dropped and its run closed as lost.
 CONCLUDE_TIMEOUT_S = 600.0

@@ -1,4 +1,5 @@
-"""The study's pruner as a Tune scheduler, by the same names as Optuna's pruners.
+"""What the Ray backend runs of a study's sampler and pruner: the pruner as a Tune scheduler, by
+the same names as Optuna's pruners, and the samplers OptunaSearch can drive.
 
 A name means the same on both backends: `sha` keeps the best third at epochs 1, 3, 9, 27...
 (Optuna's SuccessiveHalvingPruner; Tune's ASHA with the same grace period and reduction
@@ -22,6 +23,9 @@ from imgcls.registry import Registry
 
 if TYPE_CHECKING:
     from hpo.config.study import StudySpec
+
+# The Optuna samplers Ray's OptunaSearch drives trial by trial (the Ray backend refuses others).
+RAY_SAMPLERS = ("tpe", "random")
 
 SchedulerFactory = Callable[["StudySpec"], Any]
 SCHEDULERS: Registry[SchedulerFactory] = Registry("Ray pruner")
