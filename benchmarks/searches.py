@@ -18,10 +18,10 @@ from hpo.config.space import Scalar
 from hpo.config.store import Store
 from hpo.config.study import StudySpec, load_study
 from hpo.config.trial import TrialOutcome
+from hpo.search.context import StudyContext
 from hpo.search.devices import plan_slots
 from hpo.search.events import NullObserver, SearchObserver
 from hpo.search.run import prepare_search
-from hpo.search.trial import StudyContext
 
 
 def study_spec(name: str, overrides: Mapping[str, Any]) -> StudySpec:

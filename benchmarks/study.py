@@ -47,8 +47,9 @@ from hpo.config.space import Scalar
 from hpo.config.store import Store
 from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome
+from hpo.search.context import StudyContext
 from hpo.search.run import run_search
-from hpo.search.trial import StudyContext, run_trial
+from hpo.search.trial import run_trial
 from hpo.tracking.client import Tracker
 from imgcls.data import prepare_data
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from hpo.after.models import resolve_model
 from hpo.config.store import Store
 from hpo.config.study import load_study
 from hpo.search.run import run_search
-from hpo.tracking.client import fluent_tracking_uri
+from hpo.tracking.client import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +65,8 @@ def test_a_search_records_its_trials_in_the_mlflow_layout_and_resumes_to_the_tot
         assert metrics["best_val_f1"] == pytest.approx(outcome.value)
         assert metrics["test_f1_ci_low"] <= metrics["test_f1"] <= metrics["test_f1_ci_high"]
         assert outcome.test["test_f1"] == pytest.approx(metrics["test_f1"])
-        with fluent_tracking_uri(store.tracking_uri):
-            info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
-        assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
+        _, predictor = resolve_model(Tracker(store.tracking_uri), f"runs:/{run.info.run_id}/model")
+        assert predictor.classes == ("ants", "bees")
 
     # the same search with a larger total adds exactly the difference, in the same study run
     resumed = run_search(load_study(str(study_file), {"backend": backend, "trials": 4}), store)

@@ -1,15 +1,18 @@
 """One trial against a real MLflow store: what it records for each way a trial can end."""
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
+from hpo.after.models import resolve_model
 from hpo.config.store import Store
 from hpo.config.study import load_study
-from hpo.search.trial import StudyContext, run_trial
+from hpo.search.context import StudyContext
+from hpo.search.trial import run_trial
 from hpo.tracking.client import Tracker, fluent_tracking_uri
 from hpo.tracking.runs import open_study_run
 from imgcls.data import prepare_data
@@ -72,14 +75,15 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
     report = mlflow.artifacts.load_dict(
         f"{run.info.artifact_uri}/classification_report_test.json")
     assert {"ants", "bees"} <= set(report)
-    # runs:/<id>/model loads the logged model, which carries its preprocessing
-    with fluent_tracking_uri(ctx.tracker.uri):  # type: ignore[union-attr]
-        model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
-        info = mlflow.models.get_model_info(f"runs:/{outcome.run_id}/model")
+    # runs:/<id>/model: the best epoch's weights and preprocessing, which predict with
+    assert {"model/weights.pt", "model/preprocessing.json"} <= {
+        a.path for a in ctx.tracker.client.list_artifacts(outcome.run_id, "model")}  # type: ignore[union-attr]
+    _, predictor = resolve_model(ctx.tracker, f"runs:/{outcome.run_id}/model")  # type: ignore[arg-type]
+    assert predictor.classes == ("ants", "bees")
+    assert predictor.preprocessing.image_size == 16
     x = torch.zeros(3, 3, 16, 16)
-    assert model(x).shape == (3, 2)
-    assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
-    assert info.metadata["imgcls"]["image_size"] == 16
+    assert predictor.model(x).shape == (3, 2)
+    assert not run.outputs.model_outputs  # no MLflow model export: promote makes that
     # every metric it logged ranks one way (promote --metric, results), but the three that say
     # where a trial is rather than how good it is
     unranked = {"lr", "best_epoch", "epochs"}
@@ -94,6 +98,19 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
     for name in unranked:
         with pytest.raises(ConfigError, match="has no better direction"):
             metric_goal(name)
+
+
+def test_log_models_all_also_exports_each_complete_trial_as_an_mlflow_model(
+        ctx: StudyContext) -> None:
+    ctx = dataclasses.replace(ctx, spec=ctx.spec.model_copy(update={"log_models": "all"}))
+    outcome = run_trial(ctx, 5, {"lr": 0.05, "batch_size": 4})
+    assert outcome.state == "COMPLETE", outcome.fail_reason
+    with fluent_tracking_uri(ctx.tracker.uri):  # type: ignore[union-attr]
+        model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
+        info = mlflow.models.get_model_info(f"runs:/{outcome.run_id}/model")
+    assert model(torch.zeros(3, 3, 16, 16)).shape == (3, 2)
+    assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
+    assert _run(ctx, outcome.run_id).info.status == "FINISHED"
 
 
 def test_a_pruned_trial_keeps_its_metrics_but_logs_no_model(ctx: StudyContext) -> None:

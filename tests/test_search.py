@@ -61,22 +61,27 @@ def test_a_failing_trial_does_not_stop_the_study(study_file: Path, store: Store)
     assert result.best is not None and result.best.params["lr"] == 0.05
 
 
-def test_an_interrupted_search_resumes_without_losing_or_counting_the_interrupted_trial(
+def test_an_interrupted_trial_goes_on_in_the_next_search_and_counts_once(
         study_file: Path, store: Store) -> None:
     spec = load_study(str(study_file))
     with pytest.raises(KeyboardInterrupt):
-        run_search(spec, store, InterruptAt(trial=1))
+        run_search(spec, store, InterruptAt(trial=1))  # in trial 1's first epoch
     (study_run,) = _runs(store, "tiny", "study")
     assert study_run.info.status == "KILLED"
+    (killed,) = [r for r in _runs(store, "tiny", "trial") if r.info.status == "KILLED"]
+    assert killed.data.tags["imgcls_hpo.fail_reason"] == "interrupted"
 
     result = run_search(spec, store)
+    # trial 1 went on from its checkpoint (epoch 1), in its own run: 2 trials in all
     assert [(t.number, t.state) for t in result.trials] == [
-        (0, TrialState.COMPLETE), (1, TrialState.INTERRUPTED), (2, TrialState.COMPLETE)]
-    assert result.trials[1].fail_reason == "interrupted"
+        (0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    assert result.trials[1].run_id == killed.info.run_id
     (study_run,) = _runs(store, "tiny", "study")
     assert study_run.info.status == "FINISHED"
     statuses = sorted(r.info.status for r in _runs(store, "tiny", "trial"))
-    assert statuses == ["FINISHED", "FINISHED", "KILLED"]
+    assert statuses == ["FINISHED", "FINISHED"]
+    history = MlflowClient(store.tracking_uri).get_metric_history(killed.info.run_id, "val_f1")
+    assert [m.step for m in history] == [1, 2]
 
 
 def test_a_stored_study_keeps_its_objective(study_file: Path, store: Store) -> None:

@@ -297,3 +297,64 @@ def test_a_diverging_loss_stops_training(digits) -> None:  # type: ignore[no-unt
     with pytest.raises(Diverged, match="diverged at epoch 1"):
         fit(model, digits.batches("train", 64), digits.batches("val", 256),
             TrainConfig(lr=1e20, momentum=0.0, max_epochs=3), 10)
+
+
+def _trainer(digits, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A trainer that draws from every generator a step can: shuffled and augmented batches,
+    dropout, a warm-up and cosine schedule, Adam's moments, early stopping."""
+    from imgcls.data.augment import Augment
+    from imgcls.train import Trainer
+
+    seed_everything(seed)
+    model = build_model("simplecnn", 10, 1, dropout=0.3)
+    augment = Augment(hflip=0.5, rotation=10, crop_scale=0.8, brightness=0.2)
+    config = TrainConfig(optimizer="adam", lr=0.01, scheduler="cosine", warmup_epochs=1,
+                         label_smoothing=0.1, class_weighted=True, l2=1e-4, max_epochs=5,
+                         patience=3)
+    return Trainer(model, digits.batches("train", 64, augment=augment, seed=seed),
+                   digits.batches("val", 256), config, 10)
+
+
+def test_a_trainer_resumed_from_its_saved_state_goes_on_as_if_never_stopped(
+        digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    whole = _trainer(digits)
+    for _ in range(5):
+        whole.step()
+    stopped = _trainer(digits)
+    for _ in range(2):
+        stopped.step()
+    torch.save(stopped.state_dict(), tmp_path / "state.pt")
+    del stopped
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # tensors and plain values
+    seed_everything(123)  # a new process: every generator elsewhere, and another initialisation
+    resumed = _trainer(digits, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 2 and not resumed.done
+    while not resumed.done:
+        resumed.step()
+    keep = ("epoch", "train_loss", "train_acc", "lr", "val_loss", "val_f1")
+    assert [{k: h[k] for k in keep} for h in resumed.history] == \
+        [{k: h[k] for k in keep} for h in whole.history]
+    a, b = whole.finish(), resumed.finish()
+    assert (a.best_epoch, a.stop_reason) == (b.best_epoch, b.stop_reason)
+    assert a.best_metrics["val_f1"] == b.best_metrics["val_f1"]
+    np.testing.assert_array_equal(a.best_evaluation.probs, b.best_evaluation.probs)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_population_based_training_changes_what_may_change(digits) -> None:  # type: ignore[no-untyped-def]
+    from imgcls.data.augment import Augment
+
+    trainer = _trainer(digits)
+    trainer.step()
+    scheduled = trainer.optimizer.param_groups[0]["lr"] / trainer.scheduler.base_lrs[0]
+    trainer.set_hyperparameters(lr=0.002, momentum=0.8, weight_decay=1e-3,
+                                augment=Augment(hflip=0.1))
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.002 * scheduled)  # the schedule keeps its shape
+    assert group["betas"][0] == 0.8 and group["weight_decay"] == 1e-3
+    assert trainer.train.augment == Augment(hflip=0.1)
+    trainer.step()  # the schedule goes on from the new peak rate
+    assert trainer.scheduler.base_lrs == [0.002]
+    assert trainer.optimizer.param_groups[0]["lr"] < 0.002

@@ -32,21 +32,24 @@ from hpo.config.trial import TrialState as State
 from hpo.search.backends.optuna import loop, recovery, workers
 from hpo.search.backends.optuna import storage as optuna_storage
 from hpo.search.backends.optuna.backend import OptunaBackend, OptunaStudy
+from hpo.search.backends.optuna.recovery import pause_trial
 from hpo.search.backends.optuna.storage import make_storage
+from hpo.search.context import StudyContext
 from hpo.search.devices import plan_slots
+from hpo.search.events import NullObserver
 from hpo.search.run import run_search
-from hpo.search.trial import StudyContext
 from hpo.tracking.client import Tracker
 from hpo.tracking.runs import open_study_run, start_trial
 
 HERE = socket.gethostname()
 
 
-class Recorder:
+class Recorder(NullObserver):
     """An observer that keeps every event."""
 
     def __init__(self) -> None:
         self.started: list[int] = []
+        self.resumed: list[tuple[int, int, str | None]] = []
         self.epochs: list[tuple[int, int]] = []
         self.finished: list[TrialOutcome] = []
 
@@ -55,6 +58,9 @@ class Recorder:
 
     def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
         self.started.append(number)
+
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
+        self.resumed.append((number, epochs, why_not))
 
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
         self.epochs.append((number, epoch))
@@ -72,8 +78,10 @@ def fake_trials(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     def fake_run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
                        should_prune: Any = None, on_epoch: Any = None,
-                       placement: Mapping[str, str] | None = None) -> TrialOutcome:
-        calls.append({"number": number, "params": dict(sampled), "placement": placement})
+                       placement: Mapping[str, str] | None = None, *, resumed: bool = False,
+                       **callbacks: Any) -> TrialOutcome:
+        calls.append({"number": number, "params": dict(sampled), "placement": placement,
+                      "resumed": resumed})
         return TrialOutcome(number, State.COMPLETE, dict(sampled), value=0.5, epochs=1,
                             best_epoch=1)
 
@@ -127,41 +135,41 @@ def test_a_study_runs_exactly_its_trials_here_with_placement(
     assert len(fake_trials) == 5 and len(resumed.trials()) == 5
 
 
-def test_interrupted_and_lost_trials_are_work_to_do_and_running_ones_are_counted(
+def test_interrupted_and_lost_trials_are_taken_up_first_and_running_ones_are_counted(
         study_file: Path, store: Store, fake_trials: list[dict[str, Any]]) -> None:
     study, ctx = _open(study_file, store, trials=5)
-    told = [("COMPLETE", None), ("FAIL", "interrupted"), ("FAIL", "worker lost"),
-            ("FAIL", "diverged at epoch 1")]  # trials 0 to 3
-    for state, reason in told:
-        trial = _ask(study, **({"fail_reason": reason} if reason else {}))
-        study.study.tell(trial, 0.5 if state == "COMPLETE" else None,
-                         state=TrialState[state])
-    # a trial running elsewhere: it may still finish, so it takes a place
-    _ask(study, host="another-host", pid=1)
+    done = _ask(study)
+    study.study.tell(done, 0.5)  # trial 0
+    failed = _ask(study, fail_reason="diverged at epoch 1")
+    study.study.tell(failed, state=TrialState.FAIL)  # trial 1: it counts
+    paused = _ask(study)
+    pause_trial(study.study, paused._trial_id, State.INTERRUPTED)  # trial 2: Ctrl-C
+    lost = _ask(study, host=HERE, pid=_dead_pid())  # trial 3: its worker died
+    _ask(study, host="another-host", pid=1)  # trial 4: running elsewhere, takes a place
+    assert [(t.number, t.state) for t in study.trials()] == [
+        (0, State.COMPLETE), (1, State.FAILED), (2, State.INTERRUPTED), (3, State.RUNNING),
+        (4, State.RUNNING)]
     _optimize(study, ctx)
-    # 5 = 2 finished before (0 and 3) + 1 running + 2 new
-    assert [c["number"] for c in fake_trials] == [5, 6]
-    assert [t.state for t in study.trials()][4:] == ["RUNNING", "COMPLETE", "COMPLETE"]
+    # 2 and 3 go on (same numbers, same parameters), then nothing new: 0, 1, 2, 3 and 4 make 5
+    assert [(c["number"], c["resumed"]) for c in fake_trials] == [(2, True), (3, True)]
+    assert fake_trials[1]["params"] == lost.params
+    states = [t.state for t in study.trials()]
+    assert states == [State.COMPLETE, State.FAILED, State.COMPLETE, State.COMPLETE,
+                      State.RUNNING]
 
 
-def test_trials_of_dead_workers_fail_as_lost_and_are_retried_once(
+def test_a_trial_whose_worker_dies_twice_is_left_to_the_user(
         study_file: Path, store: Store, fake_trials: list[dict[str, Any]]) -> None:
-    study, ctx = _open(study_file, store, trials=3)
-    lost = _ask(study, host=HERE, pid=_dead_pid(), worker="cpu/worker1")
-    lost_retry = _ask(study, host=HERE, pid=_dead_pid(), retry_of=7)
+    study, ctx = _open(study_file, store, trials=2)
+    twice = _ask(study, host=HERE, pid=_dead_pid(), worker="cpu/worker1", lost=1)
     alive = _ask(study, host=HERE, pid=os.getpid())
     _optimize(study, ctx)
-
     trials = {t.number: t for t in study.trials()}
-    for number in (lost.number, lost_retry.number):
-        assert (trials[number].state, trials[number].fail_reason) == (State.LOST, "worker lost")
-    assert trials[alive.number].state == "RUNNING"  # its worker lives: left alone, counted
-    # the lost trial's parameters ran first, once; the lost retry was not retried again
-    assert [c["number"] for c in fake_trials] == [3, 4]
-    assert fake_trials[0]["params"] == lost.params
-    assert study.study.trials[3].user_attrs["retry_of"] == lost.number
-    assert "retry_of" not in study.study.trials[4].user_attrs
-    assert fake_trials[1]["params"] != lost_retry.params
+    assert (trials[twice.number].state, trials[twice.number].fail_reason) == (
+        State.LOST, "worker lost")
+    assert trials[alive.number].state == State.RUNNING  # its worker lives: left alone, counted
+    # the lost trial does not count: a new one makes up for it
+    assert [(c["number"], c["resumed"]) for c in fake_trials] == [(2, False)]
 
 
 def test_enqueued_configurations_run_first_and_once_per_study(
@@ -183,7 +191,8 @@ def test_enqueued_configurations_run_first_and_once_per_study(
 
 def test_ctrl_c_as_a_trial_opens_its_run_leaves_the_run_killed(
         study_file: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted_while_opening(ctx: StudyContext, number: int, *args: Any) -> TrialOutcome:
+    def interrupted_while_opening(ctx: StudyContext, number: int, *args: Any,
+                                  **kwargs: Any) -> TrialOutcome:
         assert ctx.tracker is not None
         start_trial(ctx.tracker, ctx.experiment_id, ctx.study_run_id, "tiny", number, {})
         raise KeyboardInterrupt  # before run_trial held the run, so it could not close it
@@ -197,8 +206,10 @@ def test_ctrl_c_as_a_trial_opens_its_run_leaves_the_run_killed(
                               study_run_id=parent)
     with pytest.raises(KeyboardInterrupt):
         _optimize(study, ctx)
+    # the trial waits, RUNNING in Optuna, to be taken up by the next search
     assert [(t.state, t.fail_reason) for t in study.trials()] == [
         (State.INTERRUPTED, "interrupted")]
+    assert study.study.trials[0].state == TrialState.RUNNING
     (run,) = _trial_runs(store)
     assert run.info.status == "KILLED"
     assert run.data.tags["imgcls_hpo.fail_reason"] == "interrupted"
@@ -207,7 +218,7 @@ def test_ctrl_c_as_a_trial_opens_its_run_leaves_the_run_killed(
 def test_a_pareto_study_is_told_every_objective(study_file: Path, store: Store,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def scored_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
-                     should_prune: Any = None, *args: Any) -> TrialOutcome:
+                     should_prune: Any = None, *args: Any, **kwargs: Any) -> TrialOutcome:
         assert should_prune is None  # Optuna prunes single-objective studies only
         return TrialOutcome(number, State.COMPLETE, dict(sampled), value=0.5 + number,
                             values=[0.5 + number, 1000.0 - number])
@@ -225,7 +236,7 @@ def test_no_trial_starts_after_the_timeout(study_file: Path, store: Store,
     started: list[int] = []
 
     def slow_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
-                   *args: Any) -> TrialOutcome:
+                   *args: Any, **kwargs: Any) -> TrialOutcome:
         started.append(number)
         time.sleep(0.7)  # longer than the timeout: the next trial would start after it
         return TrialOutcome(number, State.COMPLETE, dict(sampled), value=0.5)
@@ -398,7 +409,7 @@ def _wait_until_ended(group: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
+def test_a_killed_worker_s_trial_is_taken_up_and_the_study_ends_exact(
         study_file: Path, store: Store, tmp_path: Path) -> None:
     proc = _search_in_background(tmp_path, study_file, store)
     try:
@@ -422,32 +433,26 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_ends_exact(
     (run,) = [r for r in _trial_runs(store)
               if r.data.tags["imgcls_hpo.trial_number"] == str(victim.number)]
     assert run.info.status == "RUNNING"  # as the kill left it
-    # the orphaned worker ended its trial as Ctrl-C would, if it had one
+    # the orphaned worker paused its trial as Ctrl-C would, if it had one
     others = [t for t in _journal_study(store).trials if t.number != victim.number]
-    assert {(t.state, t.user_attrs.get("fail_reason")) for t in others} <= {
-        (TrialState.FAIL, "interrupted")}
+    assert {(t.state, t.user_attrs.get("fail_reason"), t.user_attrs.get("resumable"))
+            for t in others} <= {(TrialState.RUNNING, "interrupted", True)}
 
+    # Taken up by the next search, with fewer epochs: their checkpoints were written for 500,
+    # so the trials start over, each in a new run that replaces its first one.
     spec = load_study(str(study_file), {"trials": 3, "max_epochs": 1, "gpus": "none"})
-    result = run_search(spec, store)
-    trials = {t.number: t for t in result.trials}
-    assert (trials[victim.number].state, trials[victim.number].fail_reason) == (
-        State.LOST, "worker lost")
-    run = MlflowClient(store.tracking_uri).get_run(run.info.run_id)
-    assert run.info.status == "KILLED"
-    assert run.data.tags["imgcls_hpo.fail_reason"] == "worker lost"
-    assert run.data.tags["imgcls_hpo.state"] == "FAIL"
-
+    observer = Recorder()
+    result = run_search(spec, store, observer)
+    assert [t.state for t in result.trials] == [State.COMPLETE] * 3  # exactly, numbers kept
+    assert (victim.number, 0, "its checkpoint was written for another max_epochs") in \
+        observer.resumed
+    first = MlflowClient(store.tracking_uri).get_run(run.info.run_id)
+    assert first.info.status == "KILLED"
+    assert first.data.tags["imgcls_hpo.fail_reason"] == "worker lost"
+    assert first.data.tags["imgcls_hpo.superseded_by"] == result.trials[victim.number].run_id
     stored = _journal_study(store).trials
-    retries = [t for t in stored if "retry_of" in t.user_attrs]
-    assert [t.user_attrs["retry_of"] for t in retries].count(victim.number) == 1
-    (retry,) = [t for t in retries if t.user_attrs["retry_of"] == victim.number]
-    assert retry.params == victim.params and retry.state == TrialState.COMPLETE
-    # exactly 3 finished, none running, each lost trial retried once
-    assert result.trials.counted() == 3
-    assert all(t.state != "RUNNING" for t in result.trials)
-    assert [t.number for t in result.trials if t.fail_reason == "worker lost"] == [
-        victim.number]
-    assert len(retries) == 1
+    assert stored[victim.number].user_attrs["lost"] == 1
+    assert [t.state for t in stored] == [TrialState.COMPLETE] * 3
     assert not [r for r in _trial_runs(store) if r.info.status == "RUNNING"]
 
 
@@ -463,8 +468,9 @@ def test_ctrl_c_stops_the_workers_and_their_trials_end_interrupted(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    trials = _journal_study(store).trials
-    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    trials = _journal_study(store).trials  # paused: RUNNING, to be taken up by the next search
+    assert trials and all(t.state == TrialState.RUNNING and t.user_attrs["resumable"]
+                          for t in trials)
     assert {t.user_attrs["fail_reason"] for t in trials} == {"interrupted"}
     runs = _trial_runs(store)
     assert runs and {r.info.status for r in runs} == {"KILLED"}

@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hpo.tracking import registry
-from hpo.tracking.models import load_python_model, load_weights, model_info
+from hpo.tracking.models import (
+    WEIGHTS_DIR,
+    has_weights,
+    load_python_model,
+    load_run_weights,
+    load_weights,
+    model_info,
+)
 from imgcls.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,9 +50,13 @@ def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
     """The model `ref` names, as its URI and a Predictor. An unknown reference raises
     ConfigError naming what was looked for."""
     from hpo.after.serving import ImageClassifier
-    from imgcls.predict import Predictor
+    from imgcls.predict import Predictor, Preprocessing
 
     uri = model_uri(ref)
+    run_id = _trial_weights_run(tracker, uri)
+    if run_id is not None:  # a trial's own weights (runs:/ID/model)
+        state_dict, metadata = load_run_weights(tracker, run_id)
+        return uri, Predictor.from_state_dict(state_dict, Preprocessing.from_metadata(metadata))
     study = None if "/" in ref else ref
     hint = f"; promote a trial first: `imgcls-hpo promote {study}`" if study else ""
     registry.check_reference(tracker, uri, hint, MODEL_REFERENCES)
@@ -58,6 +69,14 @@ def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
         raise ConfigError(f"{uri} is not an image classifier promoted by imgcls-hpo (flavors: "
                           f"{', '.join(flavors)}); give {MODEL_REFERENCES}")
     return uri, python_model.predictor
+
+
+def _trial_weights_run(tracker: Tracker, uri: str) -> str | None:
+    """The run of `runs:/RUN_ID/model` when that run holds a trial's weights; else None."""
+    if not uri.startswith("runs:/"):
+        return None
+    run_id, _, artifact = uri.removeprefix("runs:/").strip("/").partition("/")
+    return run_id if artifact == WEIGHTS_DIR and has_weights(tracker, run_id) else None
 
 
 def trial_weights(tracker: Tracker, uri: str

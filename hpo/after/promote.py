@@ -26,6 +26,7 @@ from hpo.after.models import DEFAULT_ALIAS, registered_name, trial_weights
 from hpo.config.study import StudyError
 from hpo.config.trial import TrialOutcome, TrialState
 from hpo.tracking import registry
+from hpo.tracking.models import has_weights, load_run_weights
 from hpo.tracking.records import StudyRecord
 from hpo.tracking.tags import MODEL_NAME, TAG_STUDY, TAG_TRIAL
 from imgcls.errors import ConfigError
@@ -133,17 +134,23 @@ def version_tags(record: StudyRecord, trial: TrialOutcome) -> dict[str, str]:
 def _classifier(tracker: Tracker, record: StudyRecord, trial: TrialOutcome) -> str:
     """The id of the trial's `classifier` logged model, logged from its `model` if absent."""
     from hpo.after.serving import CLASSIFIER, log_classifier
+    from imgcls.predict import Preprocessing
 
     assert trial.run_id is not None
     existing = registry.logged_models(tracker, record.experiment_id, trial.run_id, CLASSIFIER)
     if existing:
         return existing[-1].model_id
-    trained = registry.logged_models(tracker, record.experiment_id, trial.run_id, MODEL_NAME)
-    if not trained:
-        raise StudyError(f"trial {trial.number} (run {trial.run_id}) of study {record.name!r} "
-                         f"has no logged model {MODEL_NAME!r}; promote another trial (--run) or "
-                         "run the trial again")
-    state_dict, preprocessing = trial_weights(tracker, f"models:/{trained[-1].model_id}")
+    if has_weights(tracker, trial.run_id):  # the trial's best weights (every COMPLETE trial)
+        state_dict, metadata = load_run_weights(tracker, trial.run_id)
+        preprocessing = Preprocessing.from_metadata(metadata)
+    else:  # a trial logged with its pt2 model only (log_models: all, before weights were kept)
+        trained = registry.logged_models(tracker, record.experiment_id, trial.run_id,
+                                         MODEL_NAME)
+        if not trained:
+            raise StudyError(f"trial {trial.number} (run {trial.run_id}) of study "
+                             f"{record.name!r} has no logged model {MODEL_NAME!r}; promote "
+                             "another trial (--run) or run the trial again")
+        state_dict, preprocessing = trial_weights(tracker, f"models:/{trained[-1].model_id}")
     return log_classifier(tracker, trial.run_id, state_dict, preprocessing)
 
 

@@ -128,6 +128,16 @@ class SearchProgress:
         self._epoch_task = self.epochs.add_task(f"trial {number} {arch} · epoch",
                                                 total=self.spec.max_epochs, last="")
 
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
+        if why_not:
+            self.console.print(f"trial {number:>3} [magenta]restarts[/] from epoch 1: {why_not}",
+                               soft_wrap=True)
+        elif epochs:
+            self.console.print(f"trial {number:>3} [magenta]resumes[/] after epoch {epochs} of "
+                               "its checkpoint", soft_wrap=True)
+        if self._epoch_task is not None:
+            self.epochs.update(self._epoch_task, completed=epochs)
+
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
         assert self.spec is not None
         objective = self.spec.objective

@@ -5,6 +5,7 @@ By default one folder (`--store`, default ./mlruns) holds all of it:
     artifacts/       MLflow artifacts, one folder per experiment (study)
     optuna.journal   Optuna's study storage (every study of the store)
     cache/           decoded images, shared by every trial of every study on the same data
+    checkpoints/     each running trial's last checkpoint, removed when the trial ends
 `--tracking-uri` (an MLflow server, or another database) and `--storage` (an Optuna RDB or
 journal) move their part elsewhere; the cache stays under the store.
 """
@@ -40,6 +41,11 @@ class Store:
     @property
     def journal_path(self) -> Path:
         return self.root / "optuna.journal"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Running trials' checkpoints, one folder per study: <store>/checkpoints/<study>."""
+        return self.root / "checkpoints"
 
     @property
     def cache_dir(self) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -77,6 +77,13 @@ class StudySpec(BaseModel):
     # sharing the GPU). Within it they move to the GPU once per trial; beyond it batches are
     # gathered in pinned host memory while the previous step computes. 0: always the latter.
     device_cache: float = Field(0.25, ge=0, le=0.9)
+    # Epochs between a trial's checkpoints (and its last epoch): what a trial interrupted or
+    # lost goes on from, in the next search. 0: none, and such a trial starts over.
+    checkpoint_every: int = Field(1, ge=0)
+    # What a COMPLETE trial logs as its model: "weights" (its best weights and preprocessing;
+    # promote exports them as a pyfunc), or "all" (also MLflow's pt2 model, a second or two of
+    # export per trial)
+    log_models: Literal["weights", "all"] = "weights"
     space: SearchSpace = Field(default_factory=SearchSpace)
 
     @model_validator(mode="before")

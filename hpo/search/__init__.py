@@ -8,7 +8,8 @@ from imgcls.lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(("SearchResult", "pareto_front", "prepare_search", "run_search"),
                     "hpo.search.run"),
-    **dict.fromkeys(("StudyContext", "run_trial"), "hpo.search.trial"),
+    **dict.fromkeys(("TrialRunner", "run_trial"), "hpo.search.trial"),
+    "StudyContext": "hpo.search.context",
     **dict.fromkeys(("NullObserver", "SearchObserver"), "hpo.search.events"),
 }
 __all__ = sorted(_EXPORTS)

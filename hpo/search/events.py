@@ -19,6 +19,11 @@ class SearchObserver(Protocol):
 
     def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None: ...
 
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
+        """Trial `number` goes on after `epochs` epochs trained before; or, with `why_not`,
+        starts over from epoch 1 (its checkpoint is missing, unreadable or another trial's)."""
+        ...
+
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None: ...
 
     def trial_finished(self, outcome: TrialOutcome) -> None: ...
@@ -30,6 +35,9 @@ class NullObserver:
         pass
 
     def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
+        pass
+
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
         pass
 
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:

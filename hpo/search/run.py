@@ -17,11 +17,13 @@ import torch
 from hpo.config.store import Store
 from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome, Trials, TrialState
+from hpo.search.artifacts import ArtifactWriter
 from hpo.search.backends import Backend, get_backend
 from hpo.search.backends.base import STUDY_RUN_ATTR
+from hpo.search.checkpoints import Checkpoints
+from hpo.search.context import StudyContext
 from hpo.search.devices import apply_slot, plan_slots
 from hpo.search.events import NullObserver, SearchObserver
-from hpo.search.trial import StudyContext
 from hpo.tracking.client import Tracker
 from hpo.tracking.runs import open_study_run
 from imgcls.data.cache import Progress
@@ -78,7 +80,8 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
         tracker.log_text(run_id, "\n".join(data.skipped) + "\n", "skipped_images.txt")
         tracker.set_tags(run_id, {"imgcls_hpo.skipped_images": len(data.skipped)})
 
-    ctx = StudyContext(spec, data, device, tracker, experiment_id, run_id)
+    ctx = StudyContext(spec, data, device, tracker, experiment_id, run_id,
+                       Checkpoints(store.checkpoint_dir / spec.name), ArtifactWriter())
     observer.study_started(spec, data, study.trials())
     status = "FAILED"
     try:
@@ -88,6 +91,7 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
         status = "KILLED"
         raise
     finally:
+        ctx.artifacts.close()  # the figures of the last trials
         trials = Trials(spec.objective, study.trials())
         try:
             _log_study_summary(tracker, run_id, spec, trials)

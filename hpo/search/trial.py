@@ -1,104 +1,54 @@
-"""THE trial: sampled values -> imgcls training -> per-epoch reports -> an outcome.
+"""THE trial: sampled values -> imgcls training, an epoch at a time -> per-epoch reports -> an
+outcome. Both backends drive the same TrialRunner; they differ only in how they sample values,
+decide pruning and keep checkpoints.
 
-Every backend calls `run_trial`; backends differ only in how they sample values and decide
-pruning. Each trial ends told: COMPLETE, PRUNED, or FAILED with a reason. A failure is recorded
-and returned, never raised, so that the study goes on; only an interrupt (Ctrl-C) propagates,
-after the trial's run is closed as KILLED, INTERRUPTED.
+A trial can stop and go on. After each epoch (every `checkpoint_every`) the runner's whole state
+is checkpointed (hpo.search.checkpoints) before the epoch is logged or reported, so that a trial
+killed at any point goes on from its last checkpoint in the same MLflow run (reopened), at most
+one epoch trained again and no epoch logged twice. A trial whose checkpoint is missing, unreadable
+or written for other settings starts over from epoch 1 in a new run, and says why.
+
+Each trial ends told: COMPLETE, PRUNED, or FAILED with a reason. A failure is recorded and
+returned, never raised, so that the study goes on; only an interrupt (Ctrl-C) propagates, after
+the trial's run is closed as KILLED, INTERRUPTED, with its checkpoint kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 
 from hpo.config.hparams import HParams, first_error
 from hpo.config.space import Scalar
-from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome, TrialState
-from hpo.tracking.client import Tracker
-from hpo.tracking.runs import TrialRun, start_trial
+from hpo.search.assess import EVAL_BATCH_SIZE, assess, input_example, model_metadata
+from hpo.search.context import StudyContext, trial_seed
+from hpo.tracking.models import log_weights
+from hpo.tracking.runs import TrialRun, logged_epochs, reopen_trial, start_trial
 from imgcls.data.augment import Augment
-from imgcls.data.batches import Batches
-from imgcls.data.prepare import PreparedData
 from imgcls.errors import ImgclsError, first_line
-from imgcls.metrics import confusion_matrix, test_metrics
 from imgcls.models.build import build_model
-from imgcls.predict import Preprocessing
 from imgcls.profile import profile_model
-from imgcls.report import (
-    classification_report,
-    plot_confusion_matrix,
-    plot_curves,
-    plot_roc,
-    write_predictions,
-)
-from imgcls.train.accel import Acceleration, fits_on_device
-from imgcls.train.engine import Diverged, FitResult, TrainConfig, evaluate, fit
+from imgcls.train.engine import Diverged, TrainConfig
 from imgcls.train.runtime import seed_everything
+from imgcls.train.trainer import Trainer
 
 ShouldPrune = Callable[[int, float], bool]  # (epoch, objective value) -> stop this trial now?
+Report = Callable[[int, float], None]  # (epoch, objective value) of an epoch trained before
 EpochObserver = Callable[[int, int, Mapping[str, float]], None]  # (trial, epoch, metrics)
+Resumed = Callable[[int, int, str | None], None]  # (trial, epochs done, why it starts over)
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 256  # evaluation keeps no activations for backward: larger batches are cheap
+CHECKPOINT_FORMAT = 1  # of the checkpoint around the trainer's state
 Config = TypeVar("Config")
-
-
-@dataclass
-class StudyContext:
-    """What every trial of a study shares, prepared once per `search`."""
-
-    spec: StudySpec
-    data: PreparedData
-    device: torch.device
-    tracker: Tracker | None = None  # None: no tracking (benchmarks of the bare training path)
-    experiment_id: str = ""
-    study_run_id: str = ""
-
-    @cached_property
-    def acceleration(self) -> Acceleration:
-        """How trials train on this context's device (configures CUDA when first asked)."""
-        return Acceleration.for_device(self.device, compile=self.spec.compile,
-                                       mixed_precision=self.spec.mixed_precision)
-
-    @cached_property
-    def images_on_device(self) -> bool:
-        """Whether the images fit this trial's share of its device's memory; else they are
-        prefetched from host memory batch by batch."""
-        share = self.spec.device_cache / self.spec.trials_per_gpu
-        return fits_on_device(self.data.images.nbytes, self.device, share)
-
-    def trial_settings(self, number: int) -> dict[str, Any]:
-        """The fixed settings a trial logs beside its hyperparameters."""
-        spec, data = self.spec, self.data.config
-        accel = self.acceleration
-        return {
-            "objective": spec.objective, "max_epochs": spec.max_epochs,
-            "patience": spec.patience, "seed": trial_seed(spec.seed, number),
-            "image_size": data.image_size, "channels": data.channels,
-            "normalize": data.normalize, "num_classes": self.data.num_classes,
-            "device": str(self.device), "precision": accel.precision,
-            "channels_last": accel.channels_last, "compile": accel.compile,
-            "images_on_device": self.images_on_device,
-        }
-
-
-def trial_seed(study_seed: int, number: int) -> int:
-    """Each trial its own reproducible initialisation and batch order."""
-    return study_seed * 100_003 + number
 
 
 def failure_reason(exc: BaseException, hp: HParams | None) -> str:
@@ -113,113 +63,6 @@ def failure_reason(exc: BaseException, hp: HParams | None) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"[:500]
 
 
-def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
-              should_prune: ShouldPrune | None = None,
-              on_epoch: EpochObserver | None = None,
-              placement: Mapping[str, str] | None = None) -> TrialOutcome:
-    """Train and record one trial. `placement`: tags saying where it runs (imgcls_hpo.device,
-    imgcls_hpo.worker), added to its MLflow run."""
-    start = time.perf_counter()
-    spec, data = ctx.spec, ctx.data
-    outcome = TrialOutcome(number, TrialState.FAILED, dict(sampled))
-    run: TrialRun | None = None
-    hp: HParams | None = None
-    try:
-        hp = spec.trial_params(sampled)
-        outcome.params = hp.model_dump()
-        if ctx.tracker is not None:
-            run = start_trial(ctx.tracker, ctx.experiment_id, ctx.study_run_id, spec.name,
-                              number, {**outcome.params, **ctx.trial_settings(number)},
-                              tags=placement)
-            outcome.run_id = run.run_id
-        result, model, pruned, measured = _train(ctx, number, hp, run, should_prune, on_epoch)
-        outcome.epochs = result.epochs
-        if result.best_epoch == 0:
-            raise RuntimeError(f"no epoch gave a finite {spec.objective}")
-        outcome.best_epoch = result.best_epoch
-        outcome.value = result.best_metrics[spec.objective]
-        if spec.objectives:  # a Pareto search: every objective's value, in the study's order
-            scores = {**result.best_metrics, **measured}
-            outcome.values = [scores[name] for name, _ in spec.terms]
-        outcome.state = TrialState.PRUNED if pruned else TrialState.COMPLETE
-        outcome.metrics = {**measured, **_assess(ctx, number, run, result, model)}
-        if run is not None:
-            if pruned:
-                run.finish(TrialState.PRUNED)
-            else:
-                # in the default layout: a GPU trial's channels_last weights would be exported
-                # as such, and a CPU predictor would pay for the layout change on every call
-                model = model.to("cpu", memory_format=torch.contiguous_format)
-                run.finish_with_model(model, _input_example(data), data.num_classes,
-                                      _model_metadata(ctx, hp))
-    except KeyboardInterrupt:
-        outcome.state, outcome.fail_reason = TrialState.INTERRUPTED, TrialState.INTERRUPTED.reason
-        if run is not None:
-            _quietly(run.finish, TrialState.INTERRUPTED)
-        raise
-    except Exception as exc:
-        outcome.state, outcome.fail_reason = TrialState.FAILED, failure_reason(exc, hp)
-        if run is not None:
-            _quietly(run.log_text, traceback.format_exc(), "error.txt")
-            _quietly(run.finish, TrialState.FAILED, outcome.fail_reason)
-    finally:
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
-        outcome.seconds = time.perf_counter() - start
-    return outcome
-
-
-def _train(ctx: StudyContext, number: int, hp: HParams, run: TrialRun | None,
-           should_prune: ShouldPrune | None, on_epoch: EpochObserver | None
-           ) -> tuple[FitResult, torch.nn.Module, bool, dict[str, float]]:
-    """Train one trial; also says whether the pruner stopped it, and what it cost: the model's
-    parameters, FLOPs and MACs per image, the seconds and the peak memory of its training."""
-    spec, data = ctx.spec, ctx.data
-    seed = trial_seed(spec.seed, number)
-    seed_everything(seed)
-    model = build_model(hp.arch, data.num_classes, data.in_channels, hp.dropout,
-                        data.config.image_size, pretrained=hp.pretrained, freeze=hp.freeze,
-                        weights_dir=spec.weights_dir)
-    profile = profile_model(model, hp.arch, data.in_channels, data.config.image_size)
-    cost = {"params_count": float(profile.params), "flops": float(profile.flops),
-            "macs": float(profile.macs)}
-    if run is not None:
-        run.log_metrics(cost)
-    accel, resident = ctx.acceleration, ctx.images_on_device
-    train = data.batches("train", hp.batch_size, augment=given(hp, Augment), seed=seed,
-                         device=ctx.device, resident=resident)
-    val = data.batches("val", max(hp.batch_size, EVAL_BATCH_SIZE), device=ctx.device,
-                       resident=resident)
-    config = given(hp, TrainConfig, max_epochs=spec.max_epochs, patience=spec.patience,
-                   monitor=spec.objective)
-
-    pruned = False
-
-    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> str | None:
-        nonlocal pruned
-        if run is not None:
-            run.log_metrics(metrics, step=epoch)
-        if on_epoch is not None:
-            on_epoch(number, epoch, metrics)
-        # The pruner hears every epoch, but a trial that has trained its last epoch has nothing
-        # left to save by stopping: it completes, as on Ray, where a scheduler's stop after the
-        # last epoch is no prune either.
-        verdict = should_prune is not None and should_prune(epoch, metrics[spec.objective])
-        if verdict and epoch < spec.max_epochs:
-            pruned = True
-            return f"pruned at epoch {epoch}"
-        return None
-
-    accel.reset_peak_memory()
-    started = time.perf_counter()
-    result = fit(model, train, val, config, data.num_classes, on_epoch_end, accel=accel)
-    spent = {"train_seconds": time.perf_counter() - started,
-             "peak_memory_mb": accel.peak_memory_mb()}
-    if run is not None:
-        run.log_metrics(spent)
-    return result, model, pruned, {**cost, **spent}
-
-
 def given(hp: HParams, kind: type[Config], **settings: Any) -> Config:
     """imgcls's `kind` (a dataclass: TrainConfig, Augment) with every field that is a
     hyperparameter of the same name taken from `hp`, and the study's `settings` for the rest."""
@@ -228,68 +71,256 @@ def given(hp: HParams, kind: type[Config], **settings: Any) -> Config:
     return kind(**{name: getattr(hp, name) for name in names}, **settings)
 
 
-def _assess(ctx: StudyContext, number: int, run: TrialRun | None, result: FitResult,
-            model: torch.nn.Module) -> dict[str, float]:
-    """Evaluate the best epoch's weights once on the test split (never used for selection) and
-    record the evaluation: summary and test metrics with bootstrap intervals, curves, confusion
-    matrices, ROC, classification report and per-image predictions. Without a test split, the
-    report describes the validation split and no test_* metric exists."""
-    data, objective = ctx.data, ctx.spec.objective
-    held_out = "test" if len(data.split.indices("test")) else "val"
-    if held_out == "test":
-        batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device,
-                               resident=ctx.images_on_device)
-        evaluation = evaluate(model, batches, data.num_classes, prefix="test",
-                              accel=ctx.acceleration)
-        scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes,
-                              seed=trial_seed(ctx.spec.seed, number))
-    else:
-        evaluation, scores = result.best_evaluation, {}
-    val_losses = [h["val_loss"] for h in result.history if h["val_loss"] == h["val_loss"]]
-    summary = {f"best_{objective}": result.best_metrics[objective],
-               "best_epoch": result.best_epoch, "epochs": result.epochs, **scores}
-    if val_losses:
-        summary["min_val_loss"] = min(val_losses)
-    if run is None or evaluation is None:
-        return summary
-    run.log_metrics(summary)
+class TrialRunner:
+    """One trial from its start (or its checkpoint) to its end: `begin`, `step` until `done`
+    (or `stop` for a pruner's verdict), `end`; `interrupted` or `failed` otherwise."""
 
-    classes = list(data.classes)
-    run.log_figure(plot_curves(result.history, best_epoch=result.best_epoch), "curves.png")
-    best_val = result.best_evaluation
-    if best_val is not None:
-        title = f"validation, epoch {result.best_epoch}: {objective} = " \
-                f"{result.best_metrics[objective]:.4f}"
-        matrix = confusion_matrix(best_val.y_true, best_val.y_pred, data.num_classes)
-        run.log_figure(plot_confusion_matrix(matrix, classes, title), "confusion_matrix_val.png")
-    if held_out == "test":
-        matrix = confusion_matrix(evaluation.y_true, evaluation.y_pred, data.num_classes)
-        title = f"test, weights of epoch {result.best_epoch}"
-        run.log_figure(plot_confusion_matrix(matrix, classes, title), "confusion_matrix_test.png")
-    run.log_figure(plot_roc(evaluation.y_true, evaluation.probs, classes), f"roc_{held_out}.png")
-    text, report = classification_report(evaluation.y_true, evaluation.probs, classes)
-    run.log_text(text, f"classification_report_{held_out}.txt")
-    run.log_dict(report, f"classification_report_{held_out}.json")
-    ids = [data.catalog.ids[i] for i in data.split.indices(held_out)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"predictions_{held_out}.csv"
-        write_predictions(path, ids, evaluation.probs, classes, labels=evaluation.y_true)
-        run.log_artifact(path)
-    return summary
+    def __init__(self, ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
+                 placement: Mapping[str, str] | None = None) -> None:
+        self.ctx, self.number = ctx, number
+        self.placement = dict(placement or {})  # tags: imgcls_hpo.device, imgcls_hpo.worker
+        self.outcome = TrialOutcome(number, TrialState.FAILED, dict(sampled))
+        self.seed = trial_seed(ctx.spec.seed, number)
+        self.hp: HParams | None = None
+        self.run: TrialRun | None = None
+        self.trainer: Trainer | None = None
+        self.cost: dict[str, float] = {}  # the model's params_count, flops, macs
+        self.logged = 0  # the epochs the trial's run holds
+        self.pruned = False
+        self._started = time.perf_counter()
+
+    # -- the trial's life ------------------------------------------------------------------
+
+    def begin(self, checkpoint: Mapping[str, Any] | None = None, *, again: bool = False
+              ) -> str | None:
+        """Validate the hyperparameters, build the model and its trainer, and go on from
+        `checkpoint` if it is this trial's; then open the trial's run: the checkpoint's own,
+        reopened, or a new one (`again`: the trial ran before, and its earlier run is replaced).
+        Returns why `checkpoint` could not be used (None when it was, or there was none)."""
+        spec, data = self.ctx.spec, self.ctx.data
+        self.hp = spec.trial_params(self.outcome.params)
+        self.outcome.params = self.hp.model_dump()
+        seed_everything(self.seed)
+        model = build_model(self.hp.arch, data.num_classes, data.in_channels, self.hp.dropout,
+                            data.config.image_size, pretrained=self.hp.pretrained,
+                            freeze=self.hp.freeze, weights_dir=spec.weights_dir)
+        profile = profile_model(model, self.hp.arch, data.in_channels, data.config.image_size)
+        self.cost = {"params_count": float(profile.params), "flops": float(profile.flops),
+                     "macs": float(profile.macs)}
+        accel, resident = self.ctx.acceleration, self.ctx.images_on_device
+        train = data.batches("train", self.hp.batch_size, augment=given(self.hp, Augment),
+                             seed=self.seed, device=self.ctx.device, resident=resident)
+        val = data.batches("val", max(self.hp.batch_size, EVAL_BATCH_SIZE),
+                           device=self.ctx.device, resident=resident)
+        config = given(self.hp, TrainConfig, max_epochs=spec.max_epochs,
+                       patience=spec.patience, monitor=spec.objective)
+        self.trainer = Trainer(model, train, val, config, data.num_classes, accel=accel)
+        why = self._why_not(checkpoint) if checkpoint is not None else None
+        run_id = None
+        if checkpoint is not None and why is None:
+            self.trainer.load_state_dict(checkpoint["trainer"])
+            run_id = checkpoint["trial"].get("run_id")
+        accel.reset_peak_memory()
+        self._open_run(run_id, again=again or checkpoint is not None)
+        for h in self.trainer.history:  # trained, checkpointed, but not logged before the stop
+            self._log_epoch(int(h["epoch"]), h)
+        return why
+
+    def step(self) -> dict[str, float]:
+        """Train one epoch; checkpoint it (every `checkpoint_every`, and the last one), then log
+        it. Its metrics."""
+        assert self.trainer is not None, "begin() first"
+        metrics = self.trainer.step()
+        epoch, every = self.trainer.epoch, self.ctx.spec.checkpoint_every
+        if self.ctx.checkpoints is not None and every and (epoch % every == 0
+                                                           or self.trainer.done):
+            self.ctx.checkpoints.save(self.number, self.checkpoint())
+        self._log_epoch(epoch, metrics)
+        return metrics
+
+    @property
+    def done(self) -> bool:
+        return self.trainer is not None and self.trainer.done
+
+    @property
+    def epoch(self) -> int:
+        return self.trainer.epoch if self.trainer is not None else 0
+
+    def stop(self, reason: str) -> None:
+        """The pruner's verdict: end after this epoch, PRUNED."""
+        assert self.trainer is not None
+        self.trainer.stop(reason)
+        self.pruned = True
+
+    def end(self) -> TrialOutcome:
+        """Assess the best epoch and record the trial's end: COMPLETE with its weights, or
+        PRUNED. Its checkpoint is removed: everything it keeps is in its run."""
+        assert self.trainer is not None and self.hp is not None
+        spec, outcome = self.ctx.spec, self.outcome
+        result = self.trainer.finish()
+        outcome.epochs = result.epochs
+        if result.best_epoch == 0:
+            raise RuntimeError(f"no epoch gave a finite {spec.objective}")
+        outcome.best_epoch, outcome.value = result.best_epoch, result.best_metrics[spec.objective]
+        spent = {"train_seconds": self.trainer.seconds,
+                 "peak_memory_mb": self.ctx.acceleration.peak_memory_mb()}
+        if spec.objectives:  # a Pareto search: every objective's value, in the study's order
+            scores = {**result.best_metrics, **self.cost, **spent}
+            outcome.values = [scores[name] for name, _ in spec.terms]
+        outcome.state = TrialState.PRUNED if self.pruned else TrialState.COMPLETE
+        if self.run is not None:
+            self.run.log_metrics(spent)
+        summary = assess(self.ctx, self.seed, result, self.trainer.model, self.run)
+        outcome.metrics = {**self.cost, **spent, **summary}
+        if self.run is not None:
+            if self.pruned:
+                self.run.finish(TrialState.PRUNED)
+            else:
+                self._record_model()
+        if self.ctx.checkpoints is not None:
+            self.ctx.checkpoints.remove(self.number)
+        return self._ended()
+
+    def interrupted(self) -> TrialOutcome:
+        """Ctrl-C: the run closes KILLED, INTERRUPTED; the checkpoint stays, to go on from."""
+        self.outcome.state = TrialState.INTERRUPTED
+        self.outcome.fail_reason = TrialState.INTERRUPTED.reason
+        if self.run is not None:
+            _quietly(self.run.finish, TrialState.INTERRUPTED)
+        return self._ended()
+
+    def failed(self, exc: Exception) -> TrialOutcome:
+        """The trial cannot go on: FAILED with its reason, the traceback in its run."""
+        self.outcome.state, self.outcome.fail_reason = TrialState.FAILED, failure_reason(exc,
+                                                                                      self.hp)
+        if self.run is not None:
+            _quietly(self.run.log_text, traceback.format_exc(), "error.txt")
+            _quietly(self.run.finish, TrialState.FAILED, self.outcome.fail_reason)
+        if self.ctx.checkpoints is not None:
+            self.ctx.checkpoints.remove(self.number)
+        return self._ended()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a checkpoint this trial's: a checkpoint of any other settings is not
+        resumed from."""
+        spec, data = self.ctx.spec, self.ctx.data
+        assert self.hp is not None
+        return {"study": spec.name, "number": self.number, "params": self.hp.model_dump(),
+                "seed": self.seed, "data": data.catalog.fingerprint,
+                "image_size": data.config.image_size, "channels": data.config.channels,
+                "max_epochs": spec.max_epochs, "patience": spec.patience,
+                "objective": spec.objective}
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The trial's whole state: what it is, its run, and its trainer's state."""
+        assert self.trainer is not None
+        return {"format": CHECKPOINT_FORMAT,
+                "trial": {**self.identity(), "run_id": self.run.run_id if self.run else None},
+                "trainer": self.trainer.state_dict()}
+
+    def _why_not(self, checkpoint: Mapping[str, Any]) -> str | None:
+        if checkpoint.get("format") != CHECKPOINT_FORMAT or "trainer" not in checkpoint:
+            return "its checkpoint was written by another version"
+        recorded = checkpoint.get("trial", {})
+        for key, value in self.identity().items():
+            if recorded.get(key) != value:
+                return f"its checkpoint was written for another {key}"
+        return None
+
+    # -- recording -------------------------------------------------------------------------
+
+    def _open_run(self, run_id: str | None, *, again: bool) -> None:
+        ctx = self.ctx
+        if ctx.tracker is None:
+            return
+        if run_id is not None and ctx.tracker.find_run(run_id, ctx.experiment_id):
+            self.run = reopen_trial(ctx.tracker, run_id, self.placement)
+            self.logged = logged_epochs(ctx.tracker, run_id, ctx.spec.objective)
+            return
+        self.run = start_trial(ctx.tracker, ctx.experiment_id, ctx.study_run_id, ctx.spec.name,
+                               self.number, {**self.outcome.params,
+                                             **ctx.trial_settings(self.number)},
+                               tags=self.placement, again=again)
+        self.outcome.run_id = self.run.run_id
+        self.run.log_metrics(self.cost)
+
+    def _log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """An epoch's metrics, at step = epoch, unless the run holds that epoch already (it was
+        logged before a stop, and trained again from an older checkpoint)."""
+        if self.run is not None and epoch > self.logged:
+            self.run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            self.logged = epoch
+
+    def _record_model(self) -> None:
+        """A COMPLETE trial's best weights and preprocessing (and, with log_models: all, its
+        pt2 model too); then the run closes COMPLETE."""
+        assert self.run is not None and self.trainer is not None and self.hp is not None
+        # in the default layout: a GPU trial's channels_last weights would be saved as such,
+        # and a CPU predictor would pay for the layout change on every call
+        model = self.trainer.model.to("cpu", memory_format=torch.contiguous_format)
+        metadata = model_metadata(self.ctx, self.hp.arch)
+        log_weights(self.run.tracker, self.run.run_id, model.state_dict(), metadata["imgcls"])
+        if self.ctx.spec.log_models == "all":
+            self.run.finish_with_model(model, input_example(self.ctx), self.ctx.data.num_classes,
+                                       metadata)
+        else:
+            self.run.finish(TrialState.COMPLETE)
+
+    def _ended(self) -> TrialOutcome:
+        if self.run is not None:
+            self.outcome.run_id = self.run.run_id
+        if self.ctx.device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
+        self.outcome.seconds = time.perf_counter() - self._started
+        return self.outcome
 
 
-def _input_example(data: PreparedData) -> np.ndarray:
-    """Two of the study's images, preprocessed as the model sees them (two, so that the
-    exported graph keeps a dynamic batch dimension)."""
-    batches = Batches(data.images[:2], data.labels[:2], 2, train=False, mean=data.mean,
-                      std=data.std)
-    x, _ = next(iter(batches))
-    return x.numpy()
+def run_trial(ctx: StudyContext, number: int, sampled: Mapping[str, Scalar],
+              should_prune: ShouldPrune | None = None,
+              on_epoch: EpochObserver | None = None,
+              placement: Mapping[str, str] | None = None, *,
+              resumed: bool = False, report: Report | None = None,
+              on_resume: Resumed | None = None) -> TrialOutcome:
+    """Train and record one trial, going on from its checkpoint when it has one.
 
-
-def _model_metadata(ctx: StudyContext, hp: HParams) -> dict[str, Any]:
-    """What predicting needs besides the weights: the model's input contract."""
-    return {"imgcls": Preprocessing.from_data(ctx.data, hp.arch).to_metadata()}
+    should_prune: asked after each epoch, with the objective's value; a trial that has trained
+        its last epoch completes whatever it says (as on Ray).
+    resumed: the trial ran before (a backend resumes it): without a usable checkpoint it starts
+        over in a new run, which replaces the earlier one.
+    report: told the objective of each epoch trained before the resume, so that a pruner judges
+        the whole curve.
+    on_resume: told (trial, epochs already trained, why it starts over or None) when the trial
+        resumes or starts over.
+    """
+    runner = TrialRunner(ctx, number, sampled, placement)
+    objective = ctx.spec.objective
+    try:
+        checkpoint, unreadable = (ctx.checkpoints.load(number) if ctx.checkpoints is not None
+                                  else (None, None))
+        why = runner.begin(checkpoint, again=resumed) or unreadable
+        if on_resume is not None and (runner.epoch or why or resumed):
+            on_resume(number, runner.epoch, why)
+        if why:
+            log.warning("trial %d starts over from epoch 1: %s", number, why)
+        assert runner.trainer is not None
+        for h in runner.trainer.history:
+            if report is not None:
+                report(int(h["epoch"]), h[objective])
+        while not runner.done:
+            metrics = runner.step()
+            if on_epoch is not None:
+                on_epoch(number, runner.epoch, metrics)
+            prune = should_prune is not None and should_prune(runner.epoch, metrics[objective])
+            if prune and not runner.done:
+                runner.stop(f"pruned at epoch {runner.epoch}")
+        return runner.end()
+    except KeyboardInterrupt:
+        runner.interrupted()
+        raise
+    except Exception as exc:
+        return runner.failed(exc)
 
 
 def _quietly(record: Callable[..., None], *args: Any) -> None:

@@ -16,7 +16,6 @@ from hpo.tracking.interrupts import interrupts_held
 from imgcls.errors import ImgclsError
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
@@ -151,14 +150,12 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def log_figure(self, run_id: str, figure: Figure, name: str) -> None:
-        self.client.log_figure(run_id, figure, name)
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        """Every file of `folder`, in one call."""
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
-
-    def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None:
-        self.client.log_dict(run_id, dict(data), name)
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)

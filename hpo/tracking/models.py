@@ -101,3 +101,56 @@ def load_python_model(tracker: Tracker, uri: str) -> object | None:
         return model.unwrap_python_model()
     except MlflowException:
         return None
+
+
+# A trial's own model: its best weights and its input contract, as run artifacts under
+# model/. Small, fast to write (no export), and safe to read (tensors only, weights_only).
+WEIGHTS_DIR = "model"
+WEIGHTS_FILE = "weights.pt"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def log_weights(tracker: Tracker, run_id: str, state_dict: dict[str, torch.Tensor],
+                metadata: dict[str, Any]) -> None:
+    """The weights (a state dict) and the `imgcls` preprocessing metadata into run `run_id`,
+    under model/."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / WEIGHTS_FILE)
+        (folder / PREPROCESSING_FILE).write_text(json.dumps(metadata))
+        with interrupts_held():
+            tracker.log_artifacts(run_id, folder, WEIGHTS_DIR)
+
+
+def has_weights(tracker: Tracker, run_id: str) -> bool:
+    """Whether run `run_id` exists and holds a trial's weights under model/."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        files = tracker.client.list_artifacts(run_id, WEIGHTS_DIR)
+    except MlflowException:  # no such run
+        return False
+    return {WEIGHTS_FILE, PREPROCESSING_FILE} <= {f.path.rsplit("/", 1)[-1] for f in files}
+
+
+def load_run_weights(tracker: Tracker, run_id: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and the metadata `log_weights` put into run `run_id`; loading runs no
+    code (weights_only)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tracker.client.download_artifacts(run_id, WEIGHTS_DIR, tmp))
+        metadata = json.loads((folder / PREPROCESSING_FILE).read_text())
+        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    return dict(state), metadata

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from hpo.tracking.client import fluent_tracking_uri
+from hpo.tracking.models import WEIGHTS_DIR, has_weights
 from imgcls.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
@@ -143,7 +144,8 @@ def _check_run_model(tracker: Tracker, path: str, references: str) -> None:
                           f"{references}") from None
     models = client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    names = sorted({m.name for m in models})
+    names = sorted({m.name for m in models} | ({WEIGHTS_DIR} if has_weights(tracker, run_id)
+                                               else set()))
     # A model saved among the run's own artifacts (MLflow 2's layout) counts too.
     in_artifacts = any(f.path.endswith("MLmodel")
                        for f in client.list_artifacts(run_id, artifact or None))

@@ -13,6 +13,7 @@ Layout (a contract other commands and users rely on):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +29,13 @@ from hpo.tracking.tags import (
     TAG_ROLE,
     TAG_STATE,
     TAG_STUDY,
+    TAG_SUPERSEDED,
     TAG_TRIAL,
 )
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from matplotlib.figure import Figure
     from mlflow.entities import Run
 
     from hpo.tracking.client import Tracker
@@ -73,16 +74,20 @@ def study_runs(tracker: Tracker, study: str) -> tuple[str | None, list[Run]]:
 
 
 def trial_runs(tracker: Tracker, experiment_id: str, study_run_id: str, *,
-               number: int | None = None, running: bool = False) -> list[Run]:
+               number: int | None = None, running: bool = False,
+               superseded: bool = False) -> list[Run]:
     """The trial runs under a study run: all of them, trial `number`'s, and of those only the
-    ones still open (`running`: MLflow status RUNNING, which a trial's end always changes)."""
+    ones still open (`running`: MLflow status RUNNING, which a trial's end always changes).
+    A run that a restarted trial replaced (its trial started over: tag imgcls_hpo.superseded_by)
+    is left out unless `superseded`."""
     query = (f"tags.`{TAG_ROLE}` = 'trial' and tags.`mlflow.parentRunId` = '{study_run_id}'")
     if number is not None:
         query += f" and tags.`{TAG_TRIAL}` = '{number}'"
     if running:
         query += " and attributes.status = 'RUNNING'"
-    return list(tracker.client.search_runs([experiment_id], filter_string=query,
-                                           max_results=MAX_TRIAL_RUNS))
+    runs = tracker.client.search_runs([experiment_id], filter_string=query,
+                                      max_results=MAX_TRIAL_RUNS)
+    return [run for run in runs if superseded or TAG_SUPERSEDED not in run.data.tags]
 
 
 def study_trials(tracker: Tracker, study: str, study_run_id: str | None, objective: str
@@ -130,9 +135,13 @@ def _typed(text: str, kind: type) -> Scalar:
 # -- a trial's run ---------------------------------------------------------------------------
 
 def start_trial(tracker: Tracker, experiment_id: str, study_run_id: str, study: str, number: int,
-                params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> TrialRun:
+                params: Mapping[str, Any], tags: Mapping[str, str] | None = None, *,
+                again: bool = False) -> TrialRun:
     """Open the trial's run under the study run. `tags`: extra tags, such as where the trial
-    runs (imgcls_hpo.device, imgcls_hpo.worker)."""
+    runs (imgcls_hpo.device, imgcls_hpo.worker). `again`: the trial ran before and starts over
+    (it had no checkpoint to go on from): its earlier runs are marked superseded by this one,
+    so that every reader sees one run per trial."""
+    earlier = trial_runs(tracker, experiment_id, study_run_id, number=number) if again else []
     run = tracker.client.create_run(
         experiment_id,
         run_name=f"trial-{number:03d}",
@@ -147,7 +156,28 @@ def start_trial(tracker: Tracker, experiment_id: str, study_run_id: str, study: 
     )
     trial = TrialRun(tracker, run.info.run_id)
     tracker.log_params(trial.run_id, params)
+    for old in earlier:
+        tracker.set_tags(old.info.run_id, {TAG_SUPERSEDED: trial.run_id})
     return trial
+
+
+def reopen_trial(tracker: Tracker, run_id: str, tags: Mapping[str, str] | None = None
+                 ) -> TrialRun:
+    """A trial's run opened again, to go on where the trial stopped: MLflow status RUNNING,
+    state RUNNING, the reason it stopped (interrupted, worker lost) removed, `tags` (where it
+    runs now) updated."""
+    from mlflow.exceptions import MlflowException
+
+    tracker.client.update_run(run_id, status="RUNNING")
+    tracker.set_tags(run_id, {**(tags or {}), TAG_STATE: TrialState.RUNNING.stored})
+    with contextlib.suppress(MlflowException):  # none was set
+        tracker.client.delete_tag(run_id, TAG_FAIL_REASON)
+    return TrialRun(tracker, run_id)
+
+
+def logged_epochs(tracker: Tracker, run_id: str, metric: str) -> int:
+    """The last epoch (step) of `metric` that the run holds; 0 for none."""
+    return max((step for step, _ in tracker.metric_history(run_id, metric)), default=0)
 
 
 class TrialRun:
@@ -160,17 +190,14 @@ class TrialRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.tracker.log_metrics(self.run_id, metrics, step)
 
-    def log_figure(self, figure: Figure, name: str) -> None:
-        self.tracker.log_figure(self.run_id, figure, name)
-
     def log_text(self, text: str, name: str) -> None:
         self.tracker.log_text(self.run_id, text, name)
 
-    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        self.tracker.log_dict(self.run_id, data, name)
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(self.run_id, path, artifact_path)
 
-    def log_artifact(self, path: Path) -> None:
-        self.tracker.log_artifact(self.run_id, path)
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifacts(self.run_id, folder, artifact_path)
 
     def finish(self, state: TrialState, reason: str | None = None) -> None:
         """Record how the trial ended and close the run with the matching MLflow status; an

@@ -12,7 +12,9 @@ TAG_STATE = "imgcls_hpo.state"  # COMPLETE, PRUNED, FAIL (TrialState.stored), RU
 TAG_FAIL_REASON = "imgcls_hpo.fail_reason"
 TAG_DEVICE = "imgcls_hpo.device"  # where a trial trained: "cpu", "cuda:1" (the search's index)
 TAG_WORKER = "imgcls_hpo.worker"  # the worker slot that ran it: "cpu/worker0", "gpu1/slot0"
-MODEL_NAME = "model"  # a COMPLETE trial's model in its run
+# On the run of a trial that started over (no checkpoint to go on from): the run that replaced it
+TAG_SUPERSEDED = "imgcls_hpo.superseded_by"
+MODEL_NAME = "model"  # a COMPLETE trial's model in its run: its weights, and its pt2 model
 
 # How a trial's end shows in MLflow's own run status: a trial stopped from outside (Ctrl-C, a
 # lost worker) was KILLED, not FAILED.

@@ -1,6 +1,6 @@
-"""Training: optimizers, learning-rate schedules, losses, early stopping, the epoch loop, and
-how it runs fast on its device. The registries of names (OPTIMIZERS, SCHEDULERS) import no
-torch; the rest loads it on first use."""
+"""Training: optimizers, learning-rate schedules, losses, early stopping, the Trainer (an epoch
+at a time, with a state that round-trips) and `fit`, and how it runs fast on its device. The
+registries of names (OPTIMIZERS, SCHEDULERS) import no torch; the rest loads it on first use."""
 
 from imgcls.lazy import lazy_exports
 
@@ -8,7 +8,8 @@ _EXPORTS = {
     **dict.fromkeys(("Acceleration", "configure_cuda", "fits_on_device"), "imgcls.train.accel"),
     **dict.fromkeys(("Decision", "EarlyStopping"), "imgcls.train.callbacks"),
     **dict.fromkeys(("Diverged", "EpochCallback", "Evaluation", "FitResult", "TrainConfig",
-                     "evaluate", "fit", "train_one_epoch"), "imgcls.train.engine"),
+                     "evaluate", "train_one_epoch"), "imgcls.train.engine"),
+    **dict.fromkeys(("Trainer", "fit"), "imgcls.train.trainer"),
     **dict.fromkeys(("build_loss", "class_weights", "l2_penalty", "penalized_weights"),
                     "imgcls.train.losses"),
     **dict.fromkeys(("OPTIMIZERS", "build_optimizer", "trainable_parameters"),

@@ -1,18 +1,13 @@
-"""The training engine: one epoch of training, one evaluation, and `fit`, which runs them.
+"""The training engine's pieces: how to train (TrainConfig), one epoch of training, one
+evaluation, and what a training run gives (FitResult). The Trainer (trainer.py) runs them an
+epoch at a time, and `fit` is its loop. Epochs are numbered from 1.
 
-`fit` knows nothing of hyperparameter search. It calls `on_epoch_end(epoch, metrics)` after each
-epoch; a callback that returns a string stops training, and the string is recorded as the
-reason (a search uses this to prune). Epochs are numbered from 1.
-
-Policies decided here: a NaN or infinite training loss raises Diverged; the learning-rate
-schedule steps after every optimizer step; the best epoch's weights are restored at the end.
 How fast it runs (mixed precision, channels_last, torch.compile) is an `Acceleration`, which
 changes nothing when left out.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +19,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from imgcls.data.batches import Batches
-from imgcls.errors import ConfigError, DataError
+from imgcls.errors import ConfigError
 from imgcls.metrics import classification_metrics, metric_direction
 from imgcls.train.accel import Acceleration
-from imgcls.train.callbacks import EarlyStopping
-from imgcls.train.losses import build_loss, l2_penalty, penalized_weights
-from imgcls.train.optim import OPTIMIZERS, build_optimizer
-from imgcls.train.schedules import SCHEDULERS, SchedulePlan, build_scheduler
+from imgcls.train.losses import l2_penalty, penalized_weights
+from imgcls.train.optim import OPTIMIZERS
+from imgcls.train.schedules import SCHEDULERS, SchedulePlan
 
 EpochCallback = Callable[[int, dict[str, float]], str | None]
 
@@ -190,50 +184,3 @@ def evaluate(model: nn.Module, batches: Batches, num_classes: int, prefix: str =
     metrics = {f"{prefix}_loss": loss_sum.item() / len(y_true),
                **{f"{prefix}_{k}": v for k, v in scores.items()}}
     return Evaluation(metrics, y_true, y_pred, p)
-
-
-def fit(model: nn.Module, train: Batches, val: Batches, config: TrainConfig, num_classes: int,
-        on_epoch_end: EpochCallback | None = None, *, accel: Acceleration | None = None
-        ) -> FitResult:
-    """Train up to `config.max_epochs` epochs; leave the model holding its best epoch's weights.
-
-    `accel` moves the model to the batches' device first (in its memory format) and says how it
-    trains there; without it the model trains as it is, in float32.
-    """
-    if len(train) == 0:
-        raise DataError("the training split has no images: there is nothing to train on")
-    accel = accel or Acceleration(train.device)
-    step_model = accel.prepare(model)  # shares model's parameters; compiled with accel.compile
-    scaler = accel.grad_scaler()
-    optimizer = build_optimizer(config.optimizer, model, config.lr, config.momentum,
-                                config.weight_decay, config.nesterov)
-    scheduler = build_scheduler(config.scheduler, optimizer, config.schedule_plan(len(train)))
-    loss_fn = build_loss(num_classes, train.labels, config.label_smoothing,
-                         config.class_weighted)
-    stopper = EarlyStopping(metric_direction(config.monitor), config.patience)
-    result = FitResult()
-    best_state: dict[str, torch.Tensor] | None = None
-    for epoch in range(1, config.max_epochs + 1):
-        metrics = train_one_epoch(step_model, train, optimizer, loss_fn, scheduler, config.l2,
-                                  accel=accel, scaler=scaler)
-        if not math.isfinite(metrics["train_loss"]):
-            raise Diverged(epoch)
-        evaluation = evaluate(step_model, val, num_classes, accel=accel)
-        metrics.update(evaluation.metrics)
-        result.history.append({"epoch": epoch, **metrics})
-        decision = stopper.update(epoch, metrics[config.monitor])
-        if decision.improved:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                          model.state_dict().items()}
-            result.best_epoch, result.best_metrics = epoch, dict(metrics)
-            result.best_evaluation = evaluation
-        reason = on_epoch_end(epoch, metrics) if on_epoch_end else None
-        if reason:
-            result.stop_reason = reason
-            break
-        if decision.stop:
-            result.stop_reason = "early_stopping"
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return result

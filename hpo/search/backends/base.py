@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from hpo.config.store import Store
     from hpo.config.study import StudySpec
     from hpo.config.trial import TrialOutcome
+    from hpo.search.context import StudyContext
     from hpo.search.events import SearchObserver
-    from hpo.search.trial import StudyContext
 
 
 class BackendStudy(Protocol):

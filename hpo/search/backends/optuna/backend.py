@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import optuna
 
     from hpo.config.store import Store
-    from hpo.search.trial import StudyContext
+    from hpo.search.context import StudyContext
 
 
 class OptunaStudy:

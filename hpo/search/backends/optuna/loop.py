@@ -1,8 +1,10 @@
-"""The Optuna trial loop: ask -> run_trial -> tell, until the study holds its trials. It runs in
-a worker process, or in the search process when there is one slot.
+"""The Optuna trial loop: take up a trial that waits to go on, or ask a new one -> run_trial ->
+tell, until the study holds its trials. It runs in a worker process, or in the search process
+when there is one slot.
 
-A trial starts only while counted + running < --trials. The check and the ask happen under a
-file lock (`<store>/optuna.lock`), one process of the machine at a time.
+A trial starts only while counted + running < --trials (a trial waiting to be taken up is
+running: it is taken up first). The check and the ask happen under a file lock
+(`<store>/optuna.lock`), one process of the machine at a time.
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ from hpo.config.trial import TrialOutcome, TrialState, headline_test
 from hpo.search.backends.optuna.recovery import (
     HOST,
     PID,
+    REASON,
+    RESUMABLE,
     WORKER,
-    open_trial_runs,
+    claim_resumable,
+    close_trial_runs,
+    pause_trial,
     recover_lost_trials,
 )
+from hpo.search.context import StudyContext
 from hpo.search.devices import Slot
 from hpo.search.events import SearchObserver
-from hpo.search.trial import StudyContext, run_trial
+from hpo.search.trial import run_trial
 from hpo.tracking.interrupts import interrupts_held
-from hpo.tracking.runs import TrialRun
 from hpo.tracking.tags import TAG_DEVICE, TAG_WORKER
 
 if TYPE_CHECKING:
@@ -50,8 +56,11 @@ def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
     """An Optuna trial as the outcome every backend reports."""
     attrs = trial.user_attrs
     told = trial.values if trial.state.name == "COMPLETE" else None  # one per objective
+    # a RUNNING trial waiting to be taken up stands as why it stopped: INTERRUPTED, LOST
+    stored = "FAIL" if trial.state.name == "RUNNING" and attrs.get(RESUMABLE) else \
+        trial.state.name
     return TrialOutcome(
-        number=trial.number, state=TrialState.read(trial.state.name, attrs.get("fail_reason")),
+        number=trial.number, state=TrialState.read(stored, attrs.get(REASON)),
         params=dict(trial.params), value=told[0] if told else attrs.get("value"),
         values=list(told) if told and len(told) > 1 else None,
         best_epoch=attrs.get("best_epoch", 0), epochs=attrs.get("epochs", 0),
@@ -103,9 +112,32 @@ def enqueue_configured(study: optuna.Study, spec: StudySpec) -> None:
         study.enqueue_trial(dict(config), skip_if_exists=True)
 
 
+class StoredTrial:
+    """A RUNNING trial taken up again, as the loop uses an optuna.Trial: its number, parameters,
+    reports and the pruner's verdict. (optuna.Trial is made by study.ask: building one for a
+    trial in progress would tell the sampler that a trial begins.)"""
+
+    def __init__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.study = study
+        self._trial_id = trial._trial_id
+        self.number = trial.number
+        self.params = dict(trial.params)
+
+    def report(self, value: float, step: int) -> None:
+        storage = self.study._storage
+        if step not in storage.get_trial(self._trial_id).intermediate_values:
+            storage.set_trial_intermediate_value(self._trial_id, step, float(value))
+
+    def should_prune(self) -> bool:
+        return self.study.pruner.prune(self.study, self.study._storage.get_trial(self._trial_id))
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        self.study._storage.set_trial_user_attr(self._trial_id, key, value)
+
+
 class TrialLoop:
-    """ask -> run_trial -> tell, until the study holds its trials or the deadline passed.
-    Runs in a worker process, or in the search process when there is one slot."""
+    """(take up, or ask) -> run_trial -> tell, until the study holds its trials or the deadline
+    passed. Runs in a worker process, or in the search process when there is one slot."""
 
     def __init__(self, study: optuna.Study, ctx: StudyContext, slot: Slot, target: int,
                  lock: Path, deadline: float | None, observer: SearchObserver) -> None:
@@ -117,11 +149,12 @@ class TrialLoop:
         self.deadline = deadline  # time.time() after which no trial starts; None: no limit
         self.observer = observer
         self.placement = placement_tags(slot)
-        self.trial: optuna.Trial | None = None  # the trial being run, told if interrupted
+        # the trial being run (paused if interrupted), and whether it was taken up again
+        self.trial: optuna.Trial | StoredTrial | None = None
+        self.resumed = False
 
     def run(self) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState as OptunaState
 
         while True:
             self.trial = None
@@ -134,28 +167,24 @@ class TrialLoop:
                 if self.trial is not None:
                     # (already told when the interrupt came just after the tell)
                     with suppress(UpdateFinishedTrialError):
-                        self.trial.set_user_attr("fail_reason", TrialState.INTERRUPTED.reason)
-                        self.study.tell(self.trial, state=OptunaState.FAIL)
-                    self._close_runs(self.trial.number)
+                        pause_trial(self.study, self.trial._trial_id, TrialState.INTERRUPTED)
+                    # a run the interrupt caught while it was being opened, before
+                    # run_trial held it
+                    close_trial_runs(self.ctx, self.trial.number, TrialState.INTERRUPTED)
                 raise
 
-    def _close_runs(self, number: int) -> None:
-        """Close KILLED a run that run_trial could not: one the interrupt caught while it was
-        being opened, before run_trial held it."""
-        try:
-            for run_id in open_trial_runs(self.ctx, number):
-                TrialRun(self.ctx.tracker, run_id).finish(  # type: ignore[arg-type]
-                    TrialState.INTERRUPTED)
-        except Exception as exc:  # the trial's own state is told; tracking is best effort here
-            log.warning("could not close trial %d's MLflow run: %s", number, exc)
-
     def _ask(self) -> bool:
-        """Start a trial if the study still needs one; under the lock, so that the counts
-        cannot change between the check and the ask."""
+        """Take up a trial that waits to go on, or start a new one if the study still needs
+        one; under the lock, so that the counts cannot change between the check and the ask."""
         if self._stopping():
             return False
+        host, pid = socket.gethostname(), os.getpid()
         with study_lock(self.lock):
             recover_lost_trials(self.study, self.ctx)
+            waiting = claim_resumable(self.study, host, pid, self.slot.label)
+            if waiting is not None:
+                self.trial, self.resumed = StoredTrial(self.study, waiting), True
+                return True
             trials = self.study.get_trials(deepcopy=False)
             counted = sum(outcome_of(t).state.counts for t in trials)
             running = sum(t.state.name == "RUNNING" for t in trials)
@@ -163,9 +192,8 @@ class TrialLoop:
                 return False
             with warnings.catch_warnings():  # heartbeats are ours to record (see _run)
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                self.trial = self.study.ask(self.ctx.spec.space.to_optuna())
-            for key, value in ((HOST, socket.gethostname()), (PID, os.getpid()),
-                               (WORKER, self.slot.label)):
+                self.trial, self.resumed = self.study.ask(self.ctx.spec.space.to_optuna()), False
+            for key, value in ((HOST, host), (PID, pid), (WORKER, self.slot.label)):
                 self.trial.set_user_attr(key, value)
         return True
 
@@ -173,30 +201,47 @@ class TrialLoop:
         past_deadline = self.deadline is not None and time.time() >= self.deadline
         return past_deadline or orphaned()
 
-    def _run(self, trial: optuna.Trial) -> None:
-        from optuna.exceptions import UpdateFinishedTrialError
+    def _run(self, trial: optuna.Trial | StoredTrial) -> None:
         from optuna.storages._heartbeat import get_heartbeat_thread
-        from optuna.trial import TrialState as OptunaState
 
         spec = self.ctx.spec
         self.observer.trial_started(trial.number, trial.params)
 
-        def should_prune(epoch: int, value: float) -> bool:
+        def report(epoch: int, value: float) -> None:
             with interrupts_held():  # an RDB storage is written
+                trial.report(value, step=epoch)
+
+        def should_prune(epoch: int, value: float) -> bool:
+            with interrupts_held():
                 trial.report(value, step=epoch)
                 return trial.should_prune()
 
         # Optuna prunes single-objective studies only (Trial.report refuses several).
-        pruning = None if spec.objectives else should_prune
+        single = not spec.objectives
         # Records the trial's heartbeat every interval where the storage keeps them (RDB).
-        with get_heartbeat_thread(trial._trial_id, self.study._storage):
-            outcome = run_trial(self.ctx, trial.number, trial.params, pruning,
-                                self.observer.epoch_finished, self.placement)
-        # A trial that has ended is told so whole: Ctrl-C from here waits until it is.
+        with get_heartbeat_thread(trial._trial_id, self.study._storage), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The reported value is ignored")
+            outcome = run_trial(self.ctx, trial.number, trial.params,
+                                should_prune if single else None, self.observer.epoch_finished,
+                                self.placement, resumed=self.resumed,
+                                report=report if single else None,
+                                on_resume=self.observer.trial_resumed)
+        if self._tell(trial, outcome):
+            self.observer.trial_finished(outcome)
+
+    def _tell(self, trial: optuna.Trial | StoredTrial, outcome: TrialOutcome) -> bool:
+        """Tell Optuna how the trial ended, whole: Ctrl-C from here waits until it is. False
+        when another process took the trial for lost meanwhile and ended it (a heartbeat missed
+        for longer than the grace period): this result is then dropped."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState as OptunaState
+
+        spec = self.ctx.spec
         with interrupts_held():
             try:
                 for key, value in (("mlflow_run_id", outcome.run_id),
-                                   ("fail_reason", outcome.fail_reason),
+                                   (REASON, outcome.fail_reason),
                                    ("value", outcome.value), ("best_epoch", outcome.best_epoch),
                                    ("epochs", outcome.epochs), ("seconds", outcome.seconds),
                                    ("test", headline_test(outcome.metrics, spec.objective)
@@ -204,19 +249,17 @@ class TrialLoop:
                     if value is not None:
                         trial.set_user_attr(key, value)
                 if outcome.state == TrialState.COMPLETE:
-                    self.study.tell(trial, outcome.values if spec.objectives else outcome.value)
+                    self.study.tell(trial.number,
+                                    outcome.values if spec.objectives else outcome.value)
                 else:
-                    self.study.tell(trial, state=OptunaState[outcome.state.stored])
+                    self.study.tell(trial.number, state=OptunaState[outcome.state.stored])
             except UpdateFinishedTrialError:
-                # Another process took this worker for lost (a heartbeat missed for longer than
-                # the grace period): its retry runs the parameters again; this result is dropped.
-                log.warning("trial %d was failed as lost while it ran; its result is not kept",
+                log.warning("trial %d was ended as lost while it ran; its result is not kept",
                             trial.number)
-                self.trial = None
-                return
-            self.trial = None  # told: an interrupt from here on has nothing to tell
-        self.observer.trial_finished(outcome)
-
+                return False
+            finally:
+                self.trial = None  # told: an interrupt from here on has nothing to tell
+        return True
 
 
 def orphaned() -> bool:

@@ -1,10 +1,16 @@
-"""Trials whose worker is gone: found, failed as LOST with their run closed, and their
-parameters run again once.
+"""Trials that stopped before their end, and who takes them up again.
 
-Each trial records the host and pid of its worker; a trial still RUNNING whose worker process
-is gone from this machine (SIGKILL, the kernel's out-of-memory killer), or whose Optuna
-heartbeat stopped (an RDB storage: any machine), is lost. The check runs under the study lock:
-at a sibling's next ask, and at the start and end of every `search`.
+A trial stops before its end when its search is interrupted (Ctrl-C) or its worker dies
+(SIGKILL, the kernel's out-of-memory killer, a lost machine). Its Optuna trial stays RUNNING,
+marked *resumable* with the reason, and its MLflow run is closed KILLED: INTERRUPTED or LOST.
+The next process that looks for work, under the study lock (a sibling's next ask, the start of
+every `search`), takes it up: it resumes from the trial's checkpoint, in the same run, with the
+same number and parameters, and counts towards --trials only once it ends.
+
+Each trial records the host and pid of its worker; a RUNNING trial not marked resumable whose
+worker is gone from this machine, or whose Optuna heartbeat stopped (an RDB storage: any
+machine), is found lost here. A trial lost twice (parameters that may kill their worker: out of
+memory?) is not taken up a third time: it ends FAIL, "worker lost", left to the user.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ from hpo.tracking.runs import TrialRun, trial_runs
 if TYPE_CHECKING:
     import optuna
 
-    from hpo.search.trial import StudyContext
+    from hpo.search.context import StudyContext
 
 log = logging.getLogger(__name__)
 
-# Trial user attrs: where the trial runs, and which lost trial it retries.
-HOST, PID, WORKER, RETRY_OF = "host", "pid", "worker", "retry_of"
+# Trial user attrs: where the trial runs; whether it waits to be taken up again (and why: its
+# fail_reason); how often its worker was lost.
+HOST, PID, WORKER = "host", "pid", "worker"
+RESUMABLE, REASON, LOST_COUNT = "resumable", "fail_reason", "lost"
+MAX_LOSSES = 2  # a trial whose worker died this many times is not taken up again
 
 
 def pid_alive(pid: int) -> bool:
@@ -64,38 +73,76 @@ def _heartbeat_expired(study: optuna.Study) -> set[int]:
 
 
 def recover_lost_trials(study: optuna.Study, ctx: StudyContext) -> list[int]:
-    """Fail each RUNNING trial whose worker is gone with reason "worker lost", close its MLflow
-    run KILLED, and enqueue its parameters to be retried first. A retry that is lost in turn is
-    not retried again: parameters that killed their worker twice are left to the user. Call it
-    under `study_lock`. Returns the numbers of the trials failed."""
+    """Mark each RUNNING trial whose worker is gone resumable, "worker lost", and close its
+    MLflow run LOST; a trial lost for the MAX_LOSSES-th time ends FAIL instead. Call it under
+    `study_lock`. Returns the numbers of the trials found lost."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState as OptunaState
 
     host = socket.gethostname()
     expired = _heartbeat_expired(study)
+    storage = study._storage
     lost = []
     for trial in study.get_trials(deepcopy=False, states=(OptunaState.RUNNING,)):
-        if trial._trial_id not in expired and not _worker_gone(trial, host):
+        attrs = trial.user_attrs
+        if attrs.get(RESUMABLE) or (trial._trial_id not in expired
+                                    and not _worker_gone(trial, host)):
             continue
-        run_ids = open_trial_runs(ctx, trial.number)
+        losses = int(attrs.get(LOST_COUNT, 0)) + 1
         try:
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                               TrialState.LOST.reason)
-            if run_ids:
-                study._storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run_ids[0])
-            study.tell(trial.number, state=OptunaState.FAIL)
+            storage.set_trial_user_attr(trial._trial_id, REASON, TrialState.LOST.reason)
+            storage.set_trial_user_attr(trial._trial_id, LOST_COUNT, losses)
+            if losses >= MAX_LOSSES:
+                study.tell(trial.number, state=OptunaState.FAIL)
+            else:
+                storage.set_trial_user_attr(trial._trial_id, RESUMABLE, True)
         except UpdateFinishedTrialError:  # another machine recovered it first
             continue
-        if ctx.tracker is not None:
-            for run_id in run_ids:
-                TrialRun(ctx.tracker, run_id).finish(TrialState.LOST)
-        if RETRY_OF not in trial.user_attrs:
-            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
+        close_trial_runs(ctx, trial.number, TrialState.LOST)
         log.warning("trial %d: its worker (%s, pid %s) is gone; %s", trial.number,
-                    trial.user_attrs.get(HOST), trial.user_attrs.get(PID),
-                    "not retried again" if RETRY_OF in trial.user_attrs else "retrying it")
+                    attrs.get(HOST), attrs.get(PID),
+                    "not taken up again (lost twice)" if losses >= MAX_LOSSES
+                    else "taking it up from its checkpoint")
         lost.append(trial.number)
     return lost
+
+
+def pause_trial(study: optuna.Study, trial_id: int, state: TrialState) -> None:
+    """Leave a trial RUNNING for another process to take up: resumable, with `state`'s reason
+    (INTERRUPTED), and no worker (its pid would pass for alive while this process lives)."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial_id, REASON, state.reason)
+    storage.set_trial_user_attr(trial_id, PID, None)
+    storage.set_trial_user_attr(trial_id, RESUMABLE, True)
+
+
+def claim_resumable(study: optuna.Study, host: str, pid: int, worker: str
+                    ) -> optuna.trial.FrozenTrial | None:
+    """The oldest trial waiting to be taken up, now this worker's; None when none waits. Call
+    it under `study_lock`."""
+    from optuna.trial import TrialState as OptunaState
+
+    for trial in study.get_trials(deepcopy=False, states=(OptunaState.RUNNING,)):
+        if not trial.user_attrs.get(RESUMABLE):
+            continue
+        storage = study._storage
+        for key, value in ((HOST, host), (PID, pid), (WORKER, worker), (RESUMABLE, False),
+                           (REASON, None)):
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+        return storage.get_trial(trial._trial_id)
+    return None
+
+
+def close_trial_runs(ctx: StudyContext, number: int, state: TrialState) -> None:
+    """Close trial `number`'s runs still open as `state` (LOST, INTERRUPTED): its process is
+    gone, or was stopped before it could (an interrupt while its run was being opened)."""
+    if ctx.tracker is None:
+        return
+    try:
+        for run_id in open_trial_runs(ctx, number):
+            TrialRun(ctx.tracker, run_id).finish(state)
+    except Exception as exc:  # the trial's own state is told; tracking is best effort here
+        log.warning("could not close trial %d's MLflow run: %s", number, exc)
 
 
 def open_trial_runs(ctx: StudyContext, number: int) -> list[str]:

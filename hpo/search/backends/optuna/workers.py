@@ -32,6 +32,7 @@ from hpo.config.space import Scalar
 from hpo.config.store import Store
 from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome
+from hpo.search.artifacts import ArtifactWriter
 from hpo.search.backends.optuna.loop import (
     LOCK_FILE,
     TrialLoop,
@@ -43,9 +44,11 @@ from hpo.search.backends.optuna.loop import (
 )
 from hpo.search.backends.optuna.recovery import recover_lost_trials
 from hpo.search.backends.optuna.storage import make_storage, open_optuna_study
+from hpo.search.checkpoints import Checkpoints
+from hpo.search.context import StudyContext
 from hpo.search.devices import Slot, apply_slot
 from hpo.search.events import SearchObserver
-from hpo.search.trial import StudyContext, failure_reason
+from hpo.search.trial import failure_reason
 from hpo.tracking.client import Tracker
 from imgcls.errors import ImgclsError
 
@@ -90,6 +93,9 @@ class QueueObserver:
     def trial_started(self, number: int, params: Mapping[str, Scalar]) -> None:
         self.events.put(("trial_started", number, dict(params)))
 
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
+        self.events.put(("trial_resumed", number, epochs, why_not))
+
     def epoch_finished(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
         if orphaned():
             raise KeyboardInterrupt
@@ -111,12 +117,16 @@ def worker_main(job: WorkerJob, events: Queue[tuple[Any, ...]]) -> None:
         data = prepare_data(spec.data, spec.seed, store.cache_dir)
         tracker = Tracker(store.tracking_uri,
                           store.artifact_root if store.tracking_is_local else None)
-        ctx = StudyContext(spec, data, device, tracker, job.experiment_id, job.study_run_id)
+        ctx = StudyContext(spec, data, device, tracker, job.experiment_id, job.study_run_id,
+                           Checkpoints(store.checkpoint_dir / spec.name), ArtifactWriter())
         study = open_optuna_study(spec, make_storage(store), job.fresh_seed)
-        TrialLoop(study, ctx, job.slot, job.target, store.root / LOCK_FILE, job.deadline,
-                  QueueObserver(events)).run()
+        try:
+            TrialLoop(study, ctx, job.slot, job.target, store.root / LOCK_FILE, job.deadline,
+                      QueueObserver(events)).run()
+        finally:
+            ctx.artifacts.close()  # the figures of this worker's last trials
     except KeyboardInterrupt:
-        pass  # the running trial was told "interrupted"; the search process knows why
+        pass  # the running trial was paused, "interrupted"; the search process knows why
     except Exception as exc:
         if not isinstance(exc, ImgclsError):  # unexpected: the traceback is for a bug report
             traceback.print_exc()

@@ -57,9 +57,9 @@ from imgcls.errors import ConfigError
 
 if TYPE_CHECKING:
     from hpo.config.store import Store
+    from hpo.search.context import StudyContext
     from hpo.search.devices import Slot
     from hpo.search.events import SearchObserver
-    from hpo.search.trial import StudyContext
 
 STUDY_ATTRS = "imgcls_hpo.json"  # the study's attributes, in its Tune experiment folder
 TUNE_FINISHED = "tune_finished"  # attr: the last Tune run ended by itself (nothing to restore)

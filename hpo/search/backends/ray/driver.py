@@ -17,8 +17,8 @@ from hpo.tracking.runs import close_open_runs
 from imgcls.errors import ConfigError, DataError, ImgclsError, first_line
 
 if TYPE_CHECKING:
+    from hpo.search.context import StudyContext
     from hpo.search.events import SearchObserver
-    from hpo.search.trial import StudyContext
 
 log = logging.getLogger(__name__)
 

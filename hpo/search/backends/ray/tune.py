@@ -40,7 +40,8 @@ from hpo.search.backends.ray.driver import (
 )
 from hpo.search.backends.ray.placement import TrialSetup
 from hpo.search.backends.ray.space import from_ray, nothing_to_search, to_ray
-from hpo.search.trial import StudyContext, run_trial
+from hpo.search.context import StudyContext
+from hpo.search.trial import run_trial
 from hpo.tracking.client import Tracker
 from hpo.tracking.tags import TAG_DEVICE, TAG_WORKER
 from imgcls.data.prepare import prepare_data

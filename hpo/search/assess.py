@@ -1,0 +1,109 @@
+"""What a trial records when it ends: its best epoch's weights evaluated once on the test split
+(never used for selection), the summary and test metrics with bootstrap intervals, the figures
+and reports, and, for a COMPLETE trial, the weights a model is made of.
+
+The summary and the weights are recorded before the trial's run closes; the figures (learning
+curves, confusion matrices, ROC: about 0.9 s of rendering a trial) are rendered by a background
+thread into the closed run, so that the next trial starts without waiting for them
+(hpo.search.artifacts; a search waits for the last of them before it ends).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from imgcls.data.batches import Batches
+from imgcls.metrics import confusion_matrix, test_metrics
+from imgcls.predict import Preprocessing
+from imgcls.report import (
+    classification_report,
+    plot_confusion_matrix,
+    plot_curves,
+    plot_roc,
+    write_predictions,
+)
+from imgcls.train.engine import Evaluation, FitResult, evaluate
+
+if TYPE_CHECKING:
+    from hpo.search.context import StudyContext
+    from hpo.tracking.runs import TrialRun
+
+EVAL_BATCH_SIZE = 256  # evaluation keeps no activations for backward: larger batches are cheap
+
+
+def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Module,
+           run: TrialRun | None) -> dict[str, float]:
+    """The trial's summary metrics (best_<objective>, best_epoch, epochs, min_val_loss, test_*
+    with intervals), logged to `run`, whose figures and reports are queued on the context's
+    artifact writer. Without a test split, the reports describe the validation split and no
+    test_* metric exists."""
+    data, objective = ctx.data, ctx.spec.objective
+    held_out = "test" if len(data.split.indices("test")) else "val"
+    evaluation, scores = result.best_evaluation, {}
+    if held_out == "test":
+        batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device,
+                               resident=ctx.images_on_device)
+        evaluation = evaluate(model, batches, data.num_classes, prefix="test",
+                              accel=ctx.acceleration)
+        scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes, seed=seed)
+    val_losses = [h["val_loss"] for h in result.history if h["val_loss"] == h["val_loss"]]
+    summary = {f"best_{objective}": result.best_metrics[objective],
+               "best_epoch": result.best_epoch, "epochs": result.epochs, **scores}
+    if val_losses:
+        summary["min_val_loss"] = min(val_losses)
+    if run is not None and evaluation is not None:
+        run.log_metrics(summary)
+        ctx.artifacts.submit(lambda: record_reports(ctx, run, result, evaluation, held_out))
+    return summary
+
+
+def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluation: Evaluation,
+                   held_out: str) -> None:
+    """Curves, confusion matrices, ROC, classification report and per-image predictions, into
+    one folder logged to `run` at once."""
+    data, objective = ctx.data, ctx.spec.objective
+    classes = list(data.classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        figures = {"curves.png": plot_curves(result.history, best_epoch=result.best_epoch)}
+        best_val = result.best_evaluation
+        if best_val is not None:
+            title = f"validation, epoch {result.best_epoch}: {objective} = " \
+                    f"{result.best_metrics[objective]:.4f}"
+            matrix = confusion_matrix(best_val.y_true, best_val.y_pred, data.num_classes)
+            figures["confusion_matrix_val.png"] = plot_confusion_matrix(matrix, classes, title)
+        if held_out == "test":
+            matrix = confusion_matrix(evaluation.y_true, evaluation.y_pred, data.num_classes)
+            title = f"test, weights of epoch {result.best_epoch}"
+            figures["confusion_matrix_test.png"] = plot_confusion_matrix(matrix, classes, title)
+        figures[f"roc_{held_out}.png"] = plot_roc(evaluation.y_true, evaluation.probs, classes)
+        for name, figure in figures.items():
+            figure.savefig(out / name)
+        text, report = classification_report(evaluation.y_true, evaluation.probs, classes)
+        (out / f"classification_report_{held_out}.txt").write_text(text)
+        (out / f"classification_report_{held_out}.json").write_text(json.dumps(report, indent=2))
+        ids = [data.catalog.ids[i] for i in data.split.indices(held_out)]
+        write_predictions(out / f"predictions_{held_out}.csv", ids, evaluation.probs, classes,
+                          labels=evaluation.y_true)
+        run.log_artifacts(out)
+
+
+def model_metadata(ctx: StudyContext, arch: str) -> dict[str, Any]:
+    """What predicting needs besides the weights: the model's input contract."""
+    return {"imgcls": Preprocessing.from_data(ctx.data, arch).to_metadata()}
+
+
+def input_example(ctx: StudyContext) -> np.ndarray:
+    """Two of the study's images, preprocessed as the model sees them (two, so that an exported
+    graph keeps a dynamic batch dimension)."""
+    data = ctx.data
+    batches = Batches(data.images[:2], data.labels[:2], 2, train=False, mean=data.mean,
+                      std=data.std)
+    x, _ = next(iter(batches))
+    return x.numpy()
