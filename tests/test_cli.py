@@ -254,7 +254,6 @@ def test_search_help_offers_only_what_runs() -> None:
 
     text = " ".join(runner.invoke(app, ["search", "--help"], env={"COLUMNS": "300"}).output.split())
     assert f"Optuna: {', '.join(PRUNERS.names())}; Ray: {', '.join(SCHEDULERS.names())}" in text
-    assert "pbt" not in text  # no backend runs Population Based Training yet
     assert "Architecture (imgcls-hpo models lists them): A,B,C or a fixed value." in text
     assert "Learning rate: LOW..HIGH, LOW..HIGH:log, A,B,C or a fixed value." in text
 

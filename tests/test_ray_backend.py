@@ -92,8 +92,10 @@ def test_a_trial_config_comes_back_typed_and_inside_the_bounds() -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ({"sampler": "cmaes"}, "the Ray backend samples with tpe or random, not 'cmaes'"),
     ({"pruner": "median"}, r"pruner 'median' is not available with the Ray backend: Tune has "
-                           r"no scheduler .*; use --pruner sha, hyperband, none"),
-    ({"pruner": "pbt"}, r"unknown Ray pruner 'pbt' \(known: sha, hyperband, none"),
+                           r"no scheduler .*; use --pruner sha, hyperband, pbt, none"),
+    ({"pruner": "patient"}, r"pruner 'patient' is not available with the Ray backend"),
+    ({"pruner": "asha"}, r"unknown Ray pruner 'asha'; did you mean 'sha'\? \(known: sha, "
+                          r"hyperband, pbt, none"),
     ({"objective": ["val_f1:max", "flops:min"]}, "Pareto.* runs on the Optuna backend"),
     ({"ray_address": "10.0.0.1:6379", "gpus": "0,1"},
      "--gpus 0,1 names this machine's GPUs, but trials run on the Ray cluster"),
@@ -122,26 +124,50 @@ def _optuna_rungs(pruner: Any, max_epochs: int) -> list[list[int]]:
     return rungs
 
 
-@pytest.mark.parametrize("max_epochs", [3, 10, 30])
-@pytest.mark.parametrize("name", ["sha", "hyperband"])
+@pytest.mark.parametrize(("name", "max_epochs"), [("sha", 3), ("sha", 10), ("sha", 30),
+                                                  ("hyperband", 9), ("hyperband", 27)])
 def test_a_pruner_name_compares_at_the_same_epochs_on_both_backends(
         study_file: Path, name: str, max_epochs: int) -> None:
     spec = load_study(str(study_file), {"backend": "ray", "pruner": name,
                                         "max_epochs": max_epochs})
     tune = make_scheduler(spec)
-    assert type(tune).__name__ == "AsyncHyperBandScheduler"
-    assert (tune._time_attr, tune._max_t) == ("epoch", max_epochs)
-    # the epochs before the last, where a trial can be stopped early (after its last epoch it
-    # completes on both)
-    ray_rungs = [sorted(rung for rung, _ in bracket._rungs if rung < max_epochs)
-                 for bracket in tune._brackets]
-    assert ray_rungs == _optuna_rungs(PRUNERS.get(name)(max_epochs), max_epochs)
+    optuna_rungs = _optuna_rungs(PRUNERS.get(name)(max_epochs), max_epochs)
+    if name == "sha":  # ASHA
+        assert (tune._time_attr, tune._max_t) == ("epoch", max_epochs)
+        # the epochs before the last, where a trial can be stopped early (after its last epoch
+        # it completes on both)
+        assert [sorted(rung for rung, _ in bracket._rungs if rung < max_epochs)
+                for bracket in tune._brackets] == optuna_rungs
+    else:  # synchronous HyperBand: bracket s starts at max_epochs / 3**s, then x3
+        assert (type(tune).__name__, tune._time_attr, tune._max_t_attr) == (
+            "HyperBandScheduler", "epoch", max_epochs)
+        s_max = len(optuna_rungs) - 1
+        ray_rungs = [[round(max_epochs / 3 ** s) * 3 ** k for k in range(s)]
+                     for s in range(s_max, -1, -1)]
+        assert ray_rungs == optuna_rungs
 
 
-def test_only_pruners_both_backends_mean_alike_run_on_ray(study_file: Path) -> None:
-    assert set(SCHEDULERS.names()) <= set(PRUNERS.names())  # the same names, no Ray-only ones
+def test_only_pruners_both_backends_mean_alike_run_on_ray_and_pbt_on_ray_only(
+        study_file: Path) -> None:
+    from hpo.search.backends.optuna.backend import OptunaBackend
+
+    assert set(SCHEDULERS.names()) - set(PRUNERS.names()) == {"pbt"}
     spec = load_study(str(study_file), {"backend": "ray", "pruner": "none"})
     assert type(make_scheduler(spec)).__name__ == "FIFOScheduler"
+    with pytest.raises(ConfigError, match="pruner 'pbt' runs on the Ray backend only: "
+                                          "Population Based Training"):
+        OptunaBackend().check(spec.model_copy(update={"pruner": "pbt"}))
+
+
+def test_pbt_perturbs_what_may_change_within_the_declared_space(study_file: Path) -> None:
+    spec = load_study(str(study_file), {"backend": "ray", "pruner": "pbt", "max_epochs": 8})
+    pbt = make_scheduler(spec)
+    assert type(pbt).__name__ == "PopulationBasedTraining"
+    assert pbt._perturbation_interval == 2  # a quarter of max_epochs
+    assert set(pbt._hyperparam_mutations) == {"lr"}  # batch_size and dropout stay put
+    with pytest.raises(ConfigError, match="searches none it may change"):
+        RayBackend().check(spec.model_copy(update={"space": SearchSpace(
+            (IntRange("batch_size", 4, 8),))}))
 
 
 def test_a_stored_ray_study_keeps_its_objective(study_file: Path, store: Store) -> None:
@@ -295,7 +321,7 @@ run_search(spec, Store.resolve(sys.argv[2]), SlowTrial1())
 
 
 @pytest.mark.slow
-def test_a_killed_search_is_restored_and_its_lost_trial_retried(
+def test_a_killed_search_is_restored_and_its_trials_go_on_from_their_checkpoints(
         study_file: Path, store: Store, tmp_path: Path, ray_runtime: None) -> None:
     import ray
 
@@ -317,9 +343,67 @@ def test_a_killed_search_is_restored_and_its_lost_trial_retried(
 
     spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 12})
     result = run_search(spec, store)
-    assert [(t.number, t.state, t.fail_reason) for t in result.trials] == [
-        (0, "COMPLETE", None), (1, TrialState.LOST, "worker lost"), (2, "COMPLETE", None)]
-    assert result.trials[2].params == result.trials[1].params  # Tune restored that trial
+    # Tune restored trial 1 from its checkpoint: it went on in its own run, to its end
+    assert [(t.number, t.state) for t in result.trials] == [
+        (0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    assert result.trials[1].run_id == lost.info.run_id
+    steps = [m.step for m in MlflowClient(store.tracking_uri).get_metric_history(
+        lost.info.run_id, "val_f1")]
+    assert steps == list(range(1, 13))  # each epoch logged once
     statuses = {r.data.tags["imgcls_hpo.trial_number"]: r.info.status
                 for r in _runs(store, "trial")}
-    assert statuses == {"0": "FINISHED", "1": "KILLED", "2": "FINISHED"}
+    assert statuses == {"0": "FINISHED", "1": "FINISHED"}
+
+
+class Resumes(Events):
+    def __init__(self) -> None:
+        super().__init__()
+        self.resumed: list[tuple[int, int, str | None]] = []
+
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
+        self.resumed.append((number, epochs, why_not))
+
+
+def _each_epoch_once(store: Store) -> None:
+    client = MlflowClient(store.tracking_uri)
+    for run in _runs(store, "trial"):
+        assert run.info.status == "FINISHED", run.data.tags
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert steps == sorted(set(steps)) and steps[0] == 1, steps
+
+
+@pytest.mark.slow
+def test_pbt_restarts_the_worst_trials_from_the_best_with_perturbed_values(
+        study_file: Path, store: Store, ray_runtime: None) -> None:
+    events = Resumes()
+    spec = load_study(str(study_file), {"backend": "ray", "pruner": "pbt", "trials": 4,
+                                        "workers": 4, "max_epochs": 6,
+                                        "perturbation_interval": 2, "objective": "val_loss"})
+    result = run_search(spec, store, events)
+    assert [t.number for t in result.trials] == [0, 1, 2, 3]
+    assert {t.state for t in result.trials} == {TrialState.COMPLETE}
+    exploits = {r.data.tags["imgcls_hpo.trial_number"]: {k: v for k, v in r.data.tags.items()
+                                                        if k.startswith("imgcls_hpo.exploit.")}
+                for r in _runs(store, "trial")}
+    tagged = [tags for tags in exploits.values() if tags]
+    assert tagged, "no trial was restarted from another's checkpoint"
+    assert all(v.startswith("from trial ") and "lr=" in v and "momentum" not in v
+               for tags in tagged for v in tags.values())  # what the study searches
+    client = MlflowClient(store.tracking_uri)
+    for run in _runs(store, "trial"):  # the values PBT may change, epoch by epoch
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "pbt_lr")][:1] == [1]
+    _each_epoch_once(store)
+
+
+@pytest.mark.slow
+def test_hyperband_pauses_trials_at_its_rungs_and_resumes_them_from_checkpoints(
+        study_file: Path, store: Store, ray_runtime: None) -> None:
+    events = Resumes()
+    spec = load_study(str(study_file), {"backend": "ray", "pruner": "hyperband", "trials": 6,
+                                        "workers": 2, "max_epochs": 9})
+    result = run_search(spec, store, events)
+    assert len(result.trials) == 6
+    assert {t.state for t in result.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert any(epochs > 0 and why is None for _, epochs, why in events.resumed)
+    _each_epoch_once(store)
+    assert not list((store.root / "ray" / "tiny").glob("*/checkpoint_*"))  # removed at the end

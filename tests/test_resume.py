@@ -165,3 +165,107 @@ def test_ctrl_c_in_epoch_3_and_the_next_search_finishes_the_trial(
     assert code == 0, out
     assert "trial   0 resumes after epoch 2" in out
     _assert_resumed_as_never_stopped(store, log, never_stopped)
+
+
+# Installed as sitecustomize in every process of the search (worker processes are spawned and
+# import anew): epochs counted, and the first process to begin its $STALL_AT-th epoch stalls
+# there, its pid in $STALLED.
+SITECUSTOMIZE = """\
+import os, time
+from pathlib import Path
+
+import torch
+
+import imgcls.train.trainer as trainer
+
+torch.set_num_threads(1)
+real, calls = trainer.train_one_epoch, []
+
+
+def counted(*args, **kwargs):
+    calls.append(1)
+    with open(os.environ["EPOCH_LOG"], "a") as f:
+        f.write(f"start {os.getpid()}\\n")
+    if len(calls) == int(os.environ["STALL_AT"]):
+        try:
+            fd = os.open(os.environ["STALLED"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass  # another worker stalls
+        else:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            time.sleep(600)
+    return real(*args, **kwargs)
+
+
+trainer.train_one_epoch = counted
+"""
+
+
+def test_a_killed_worker_s_trial_is_finished_by_its_sibling_from_its_checkpoint(
+        study_file: Path, tmp_path: Path, store: Store) -> None:
+    import optuna
+    import torch
+
+    from hpo.config.study import load_study
+    from hpo.search.backends.optuna.storage import make_storage
+    from hpo.search.context import StudyContext
+    from hpo.search.trial import run_trial
+    from hpo.tracking.client import Tracker
+    from hpo.tracking.runs import open_study_run
+    from imgcls.data.prepare import prepare_data
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    log, stalled = tmp_path / "epochs.log", tmp_path / "stalled"
+    env = {**os.environ, "EPOCH_LOG": str(log), "STALL_AT": "3", "STALLED": str(stalled),
+           "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parents[1])])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli.app", "search", str(study_file), "--store",
+         str(store.root), "--trials", "2", "--workers", "2", "--gpus", "none",
+         "--max-epochs", "5", "--patience", "5", "--pruner", "none"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        end = time.monotonic() + 180
+        while not (stalled.exists() and stalled.read_text()):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < end, "no worker began its third epoch"
+            time.sleep(0.1)
+        os.kill(int(stalled.read_text()), signal.SIGKILL)  # a worker dies in its epoch 3
+        code, out = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, out  # the sibling took the lost trial up: the search ended whole
+    assert "resumes after epoch 2" in out
+    client = MlflowClient(store.tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string="tags.imgcls_hpo.role = 'trial'")
+    assert len(runs) == 2 and {r.data.tags["imgcls_hpo.state"] for r in runs} == {"COMPLETE"}
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert steps == [1, 2, 3, 4, 5]
+    assert log.read_text().split().count("start") <= 2 * 5 + 1  # one epoch trained twice
+    # the resumed trial ended as it would have, never stopped: the same trial trained here
+    journal = optuna.load_study(study_name="tiny", storage=make_storage(store))
+    (number,) = [t.number for t in journal.trials if t.user_attrs.get("lost") == 1]
+    (lost,) = [r for r in runs if r.data.tags["imgcls_hpo.trial_number"] == str(number)]
+    spec = load_study(str(study_file), {"max_epochs": 5, "patience": 5, "pruner": "none"})
+    fresh = Store.resolve(tmp_path / "fresh")
+    fresh.create()
+    tracker = Tracker(fresh.tracking_uri, fresh.artifact_root)
+    experiment_id = tracker.experiment("tiny")
+    parent, _ = open_study_run(tracker, experiment_id, "tiny", None, {})
+    ctx = StudyContext(spec, prepare_data(spec.data, spec.seed), torch.device("cpu"), tracker,
+                       experiment_id, parent)
+    params = {k: v for k, v in lost.data.params.items() if k in ("lr", "batch_size", "dropout")}
+    whole = run_trial(ctx, number, {"lr": float(params["lr"]),
+                                    "batch_size": int(params["batch_size"]),
+                                    "dropout": float(params["dropout"])})
+    assert [(m.step, m.value) for m in client.get_metric_history(lost.info.run_id, "val_loss")] \
+        == [(s, v) for s, v in tracker.metric_history(whole.run_id or "", "val_loss")]
+    assert lost.data.metrics["best_val_f1"] == whole.metrics["best_val_f1"]
+    assert lost.data.metrics["test_f1"] == whole.metrics["test_f1"]

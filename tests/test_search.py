@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 from hpo.config.store import Store
 from hpo.config.study import StudyError, load_study
 from hpo.config.trial import TrialState
+from hpo.search.checkpoints import Checkpoints
+from hpo.search.events import NullObserver
 from hpo.search.run import run_search
 from imgcls.errors import ConfigError, DataError
 from tests.conftest import InterruptAt, make_image_folder
@@ -177,3 +179,51 @@ def test_a_pareto_search_tags_the_trials_no_other_trial_beats(study_file: Path,
     assert set(tags) == {"0", "1", "2"}
     (study_run,) = _runs(store, "tiny", "study")
     assert study_run.data.tags["imgcls_hpo.pareto_trials"] == ",".join(sorted(expected))
+
+
+class Records(NullObserver):
+    def __init__(self, interrupt_at: tuple[int, int] | None = None) -> None:
+        self.interrupt_at = interrupt_at  # (trial, epoch) to press Ctrl-C after
+        self.resumed: list[tuple[int, int, str | None]] = []
+        self.epochs: list[tuple[int, int]] = []
+
+    def trial_resumed(self, number: int, epochs: int, why_not: str | None) -> None:
+        self.resumed.append((number, epochs, why_not))
+
+    def epoch_finished(self, number: int, epoch: int, metrics: object) -> None:
+        self.epochs.append((number, epoch))
+        if (number, epoch) == self.interrupt_at:
+            raise KeyboardInterrupt
+
+
+def test_a_trial_interrupted_after_its_last_epoch_completes_in_the_next_search(
+        study_file: Path, store: Store) -> None:
+    # the case: Ctrl-C once a trial has trained all its epochs used to throw it away
+    spec = load_study(str(study_file), {"trials": 1})
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, store, Records(interrupt_at=(0, 2)))
+    again = Records()
+    result = run_search(spec, store, again)
+    assert [t.state for t in result.trials] == [TrialState.COMPLETE]
+    assert again.resumed == [(0, 2, None)] and again.epochs == []  # nothing trained again
+    assert result.best is not None and result.best.epochs == 2
+
+
+def test_a_trial_whose_checkpoint_is_unreadable_starts_over_in_a_new_run(
+        study_file: Path, store: Store) -> None:
+    spec = load_study(str(study_file), {"trials": 1})
+    with pytest.raises(KeyboardInterrupt):
+        run_search(spec, store, Records(interrupt_at=(0, 1)))
+    (first,) = _runs(store, "tiny", "trial")
+    checkpoint = Checkpoints(store.checkpoint_dir / "tiny").path(0)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated
+    again = Records()
+    result = run_search(spec, store, again)
+    ((number, epochs, why),) = again.resumed
+    assert (number, epochs) == (0, 0) and "cannot be read" in str(why)
+    assert again.epochs == [(0, 1), (0, 2)]  # from epoch 1
+    (trial,) = result.trials
+    assert trial.state == TrialState.COMPLETE and trial.run_id != first.info.run_id
+    replaced = MlflowClient(store.tracking_uri).get_run(first.info.run_id)
+    assert replaced.data.tags["imgcls_hpo.superseded_by"] == trial.run_id
+    assert not checkpoint.exists()

@@ -85,6 +85,12 @@ class HParams(BaseModel):
             raise SpaceError(f"{name}: {first_error(exc, with_field=False)}") from None
 
 
+# What may change while a trial trains (Population Based Training perturbs these): the
+# optimizer's and the augmentation's settings, never the model's shape or the batches'
+PERTURBABLE = ("lr", "momentum", "weight_decay", "hflip", "vflip", "rotation", "crop_scale",
+               "brightness", "contrast", "sharpness", "sharpness_p")
+
+
 def first_error(exc: ValidationError, with_field: bool = True) -> str:
     """One line for the first problem pydantic found (the rest follow from fixing it)."""
     err = exc.errors()[0]

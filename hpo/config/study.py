@@ -84,6 +84,9 @@ class StudySpec(BaseModel):
     # promote exports them as a pyfunc), or "all" (also MLflow's pt2 model, a second or two of
     # export per trial)
     log_models: Literal["weights", "all"] = "weights"
+    # Population Based Training (pruner pbt, Ray): epochs between exploits; None: a quarter
+    # of max_epochs
+    perturbation_interval: int | None = Field(None, ge=1)
     space: SearchSpace = Field(default_factory=SearchSpace)
 
     @model_validator(mode="before")

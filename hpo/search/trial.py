@@ -25,13 +25,14 @@ from typing import Any, TypeVar
 import torch
 from pydantic import ValidationError
 
-from hpo.config.hparams import HParams, first_error
+from hpo.config.hparams import PERTURBABLE, HParams, first_error
 from hpo.config.space import Scalar
 from hpo.config.trial import TrialOutcome, TrialState
 from hpo.search.assess import EVAL_BATCH_SIZE, assess, input_example, model_metadata
 from hpo.search.context import StudyContext, trial_seed
 from hpo.tracking.models import log_weights
 from hpo.tracking.runs import TrialRun, logged_epochs, reopen_trial, start_trial
+from hpo.tracking.tags import TAG_EXPLOIT
 from imgcls.data.augment import Augment
 from imgcls.errors import ImgclsError, first_line
 from imgcls.models.build import build_model
@@ -48,6 +49,7 @@ Resumed = Callable[[int, int, str | None], None]  # (trial, epochs done, why it 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1  # of the checkpoint around the trainer's state
+
 Config = TypeVar("Config")
 
 
@@ -91,12 +93,13 @@ class TrialRunner:
 
     # -- the trial's life ------------------------------------------------------------------
 
-    def begin(self, checkpoint: Mapping[str, Any] | None = None, *, again: bool = False
-              ) -> str | None:
+    def begin(self, checkpoint: Mapping[str, Any] | None = None, *, again: bool = False,
+              run_id: str | None = None) -> str | None:
         """Validate the hyperparameters, build the model and its trainer, and go on from
-        `checkpoint` if it is this trial's; then open the trial's run: the checkpoint's own,
-        reopened, or a new one (`again`: the trial ran before, and its earlier run is replaced).
-        Returns why `checkpoint` could not be used (None when it was, or there was none)."""
+        `checkpoint` if it is this trial's; then open the trial's run: the checkpoint's own (or
+        `run_id`), reopened, or a new one (`again`: the trial ran before, and its earlier run
+        is replaced). Returns why `checkpoint` could not be used (None when it was, or there
+        was none)."""
         spec, data = self.ctx.spec, self.ctx.data
         self.hp = spec.trial_params(self.outcome.params)
         self.outcome.params = self.hp.model_dump()
@@ -116,7 +119,6 @@ class TrialRunner:
                        patience=spec.patience, monitor=spec.objective)
         self.trainer = Trainer(model, train, val, config, data.num_classes, accel=accel)
         why = self._why_not(checkpoint) if checkpoint is not None else None
-        run_id = None
         if checkpoint is not None and why is None:
             self.trainer.load_state_dict(checkpoint["trainer"])
             run_id = checkpoint["trial"].get("run_id")
@@ -145,6 +147,31 @@ class TrialRunner:
     @property
     def epoch(self) -> int:
         return self.trainer.epoch if self.trainer is not None else 0
+
+    def adopt(self, checkpoint: Mapping[str, Any]) -> int:
+        """Population Based Training's exploit: go on from another trial's checkpoint (its
+        weights, optimizer, schedule and epochs) with this trial's hyperparameters, which may
+        change mid-training (lr, momentum, weight decay, the augmentation). Returns the trial
+        taken from; the run gets a tag for it."""
+        assert self.trainer is not None and self.hp is not None
+        self.trainer.load_state_dict(checkpoint["trainer"])
+        self.trainer.stop_reason = None  # the donor's early stop is not this trial's
+        self.trainer.set_hyperparameters(lr=self.hp.lr, momentum=self.hp.momentum,
+                                         weight_decay=self.hp.weight_decay,
+                                         augment=given(self.hp, Augment))
+        donor = int(checkpoint["trial"]["number"])
+        if self.run is not None:
+            changed = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in self.perturbed().items())
+            self.run.tracker.set_tags(self.run.run_id, {
+                f"{TAG_EXPLOIT}.{self.trainer.epoch}": f"from trial {donor}: {changed}"})
+        return donor
+
+    def perturbed(self) -> dict[str, float]:
+        """The values, now, of the searched hyperparameters that may change mid-training."""
+        assert self.hp is not None
+        return {p.name: getattr(self.hp, p.name) for p in self.ctx.spec.space.searched
+                if p.name in PERTURBABLE}
 
     def stop(self, reason: str) -> None:
         """The pruner's verdict: end after this epoch, PRUNED."""

@@ -14,6 +14,11 @@ TAG_DEVICE = "imgcls_hpo.device"  # where a trial trained: "cpu", "cuda:1" (the 
 TAG_WORKER = "imgcls_hpo.worker"  # the worker slot that ran it: "cpu/worker0", "gpu1/slot0"
 # On the run of a trial that started over (no checkpoint to go on from): the run that replaced it
 TAG_SUPERSEDED = "imgcls_hpo.superseded_by"
+# On a trial Population Based Training restarted from another's checkpoint, one tag per exploit:
+# imgcls_hpo.exploit.<epoch> = "from trial 3: lr=0.012, momentum=0.9, ..."
+TAG_EXPLOIT = "imgcls_hpo.exploit"
+# Per-epoch metrics of a PBT trial: the values of the hyperparameters PBT may change (pbt_lr...)
+PERTURBED_PREFIX = "pbt_"
 MODEL_NAME = "model"  # a COMPLETE trial's model in its run: its weights, and its pt2 model
 
 # How a trial's end shows in MLflow's own run status: a trial stopped from outside (Ctrl-C, a

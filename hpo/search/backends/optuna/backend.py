@@ -13,8 +13,10 @@ from hpo.search.backends.optuna.loop import outcome_of
 from hpo.search.backends.optuna.pruners import PRUNERS
 from hpo.search.backends.optuna.samplers import check_space, planned_trials
 from hpo.search.backends.optuna.storage import make_storage, open_optuna_study
+from hpo.search.backends.ray.schedulers import SCHEDULERS
 from hpo.search.devices import plan_slots
 from hpo.search.events import SearchObserver
+from imgcls.errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna
@@ -56,6 +58,9 @@ class OptunaBackend:
 
     def check(self, spec: StudySpec) -> None:
         check_space(spec.sampler, spec.space, spec.enqueue, len(spec.terms))
+        if spec.pruner not in PRUNERS and spec.pruner in SCHEDULERS:
+            raise ConfigError(f"pruner {spec.pruner!r} runs on the Ray backend only: "
+                              f"{SCHEDULERS.entry(spec.pruner).meta['why']}; use --backend ray")
         PRUNERS.entry(spec.pruner)
 
     def open(self, spec: StudySpec, store: Store) -> OptunaStudy:

@@ -34,12 +34,14 @@ imports Ray (through tune.py, where the classes deriving from Ray's live).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
 from hpo.config.study import StudyError, StudySpec
 from hpo.config.trial import TrialOutcome, TrialState
@@ -47,8 +49,14 @@ from hpo.search.backends.base import STUDY_RUN_ATTR
 from hpo.search.backends.optuna.samplers import SAMPLERS
 from hpo.search.backends.ray.driver import LIVE, Driver, close_runs
 from hpo.search.backends.ray.placement import Placement, TrialSetup, plan_placement
-from hpo.search.backends.ray.runtime import quiet_tune, ray_runtime
-from hpo.search.backends.ray.schedulers import RAY_SAMPLERS, check_pruner, make_scheduler
+from hpo.search.backends.ray.runtime import environment, quiet_tune, ray_runtime
+from hpo.search.backends.ray.schedulers import (
+    PAUSING,
+    RAY_SAMPLERS,
+    check_pruner,
+    make_scheduler,
+)
+from hpo.search.backends.ray.space import to_ray
 from hpo.search.backends.ray.tune import HaltSearch, RayTrial, StudySearch, TrialEvents
 from hpo.search.devices import plan_slots
 from hpo.tracking.client import Tracker
@@ -64,6 +72,7 @@ if TYPE_CHECKING:
 STUDY_ATTRS = "imgcls_hpo.json"  # the study's attributes, in its Tune experiment folder
 TUNE_FINISHED = "tune_finished"  # attr: the last Tune run ended by itself (nothing to restore)
 ENQUEUED = "enqueued"  # attr: the configured `enqueue` entries already handed to a searcher
+NUMBERS, RUN_IDS = "trial_numbers", "run_ids"  # attrs: Tune trial id -> number -> MLflow run
 # Seconds a stopped trial may take to record its end (test evaluation, artifacts) once the
 # search is over, before its actor is dropped and its run closed as lost.
 CONCLUDE_TIMEOUT_S = 600.0
@@ -81,7 +90,7 @@ class RayBackend:
             SAMPLERS.entry(spec.sampler)  # unknown to Optuna too: ConfigError listing them
             raise ConfigError(f"the Ray backend samples with {' or '.join(RAY_SAMPLERS)}, not "
                               f"{spec.sampler!r}; use --sampler tpe, or --backend optuna")
-        check_pruner(spec.pruner)
+        check_pruner(spec)
         if spec.objectives:
             raise ConfigError("a search over several objectives (Pareto) runs on the Optuna "
                               "backend: Tune's schedulers follow one metric; use --backend optuna")
@@ -159,7 +168,9 @@ class RayStudy:
         restorable = self.get_attr(TUNE_FINISHED) is False
         deadline = time.monotonic() + spec.timeout if spec.timeout else None
         next_number = max((t.number for t in previous), default=-1) + 1
-        driver = Driver(ctx, observer, finished, next_number, deadline)
+        driver = Driver(ctx, observer, finished, next_number, deadline,
+                        numbers=self.get_attr(NUMBERS), run_ids=self.get_attr(RUN_IDS),
+                        remember=self._remember)
         key = str(self.path)
         with ray_runtime(spec, self.slots):
             placement = plan_placement(self.spec, ray.cluster_resources(), self.slots)
@@ -192,7 +203,13 @@ class RayStudy:
         artifact_root = self.store.artifact_root if self.store.tracking_is_local else None
         return TrialSetup(spec, str(self.store.cache_dir), self.store.tracking_uri,
                           str(artifact_root) if artifact_root else None, ctx.experiment_id,
-                          ctx.study_run_id, placement.use_gpu, placement.threads)
+                          ctx.study_run_id, placement.use_gpu, placement.threads,
+                          pbt=spec.pruner == "pbt")
+
+    def _remember(self, numbers: dict[str, int], run_ids: dict[str, str]) -> None:
+        """Each Tune trial's number and each number's run, for a search restored later."""
+        self.set_attr(NUMBERS, numbers)
+        self.set_attr(RUN_IDS, run_ids)
 
     def _tuner(self, trainable: Any, placement: Placement, driver: Driver) -> Any:
         """A new Tune run for the trials still to do, its searcher seeded past the trials
@@ -201,27 +218,46 @@ class RayStudy:
         history = self.trials()
         done = [dict(c) for c in self.get_attr(ENQUEUED) or []]
         enqueue = [dict(c) for c in spec.enqueue if dict(c) not in done]
-        search = StudySearch(key, spec, spec.seed + len(history), history, enqueue)
         self.set_attr(ENQUEUED, done + enqueue)
+        pausing = spec.pruner in PAUSING
+        param_space = None
+        if spec.pruner == "pbt":  # PBT takes Tune's own generator (its population), no searcher
+            search = BasicVariantGenerator(points_to_evaluate=enqueue or None,
+                                           random_state=spec.seed + len(history))
+            param_space = to_ray(spec.space)
+        else:
+            search = StudySearch(key, spec, spec.seed + len(history), history, enqueue)
         return tune.Tuner(
-            trainable,
+            trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=spec.objective, mode=spec.direction, search_alg=search,
                 scheduler=make_scheduler(spec), num_samples=spec.trials - driver.finished,
-                max_concurrent_trials=placement.slots, reuse_actors=True,
-                trial_dirname_creator=_trial_dirname),
+                # A pausing scheduler needs a bracket's (a population's) trials all created:
+                # the resources per trial limit how many run at once instead.
+                max_concurrent_trials=None if pausing else placement.slots,
+                reuse_actors=True, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(self.path.parent), verbose=0,
                 callbacks=[TrialEvents(key)], stop=HaltSearch(key),
-                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                # an actor that dies (killed, out of memory) is retried once, as a new trial
+                # What a restored search, synchronous HyperBand and PBT go on from: the latest
+                # state of each trial, every checkpoint_every epochs (HyperBand and PBT also
+                # save when they pause or exploit)
+                checkpoint_config=tune.CheckpointConfig(
+                    checkpoint_frequency=spec.checkpoint_every,
+                    # PBT clones a trial's checkpoint after the trial has gone on: keep a few
+                    num_to_keep=3 if spec.pruner == "pbt" else 1, checkpoint_at_end=False),
+                # an actor that dies (killed, out of memory) is retried once, from its last
+                # checkpoint, under the same number
                 failure_config=tune.FailureConfig(max_failures=1)),
         )
 
     def _fit(self, tuner: Any, driver: Driver) -> None:
         self.set_attr(TUNE_FINISHED, False)
+        # Tune asks a searcher for one pending trial at a time; a pausing scheduler needs them
+        # all (a bracket, a population) to exist
+        pending = str(self.spec.trials) if self.spec.pruner in PAUSING else "auto"
         try:
-            with quiet_tune():
+            with quiet_tune(), environment(TUNE_MAX_PENDING_TRIALS_PG=pending):
                 tuner.fit()
         except KeyboardInterrupt:
             driver.abandon()
@@ -237,6 +273,8 @@ class RayStudy:
             close_runs(driver.ctx, TrialState.INTERRUPTED, set(driver.running.values()))
             raise KeyboardInterrupt
         self.set_attr(TUNE_FINISHED, True)
+        for checkpoint in self.path.glob("*/checkpoint_*"):  # every trial of the run ended
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -1,7 +1,13 @@
 """The driver's side of a running Ray search: trial numbers, the observer's events, outcomes
 still to collect from stopped trials, and whether to start another trial. Tune's callback,
 stopper and searcher (tune.py) find it by the experiment path: they are pickled with the
-experiment, and this is not."""
+experiment, and this is not.
+
+A Tune trial keeps its number and its MLflow run for good, however often it starts: resumed by
+synchronous HyperBand, restarted by PBT from another trial's checkpoint, restored after a crash.
+Both are told to its actor before it trains (`assign`), and both are kept in the study's
+attributes, so that a restored search knows them too.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.config.trial import TrialOutcome, TrialState
 from hpo.search.backends.ray.space import from_ray
+from hpo.search.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from hpo.search.trial import TrialRunner
 from hpo.tracking.runs import close_open_runs
 from imgcls.errors import ConfigError, DataError, ImgclsError, first_line
 
@@ -22,8 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Verdicts a trial waits for after each epoch's report.
-GO_ON, PRUNE, STOP_NOW = "go on", "prune", "interrupt"
+Remember = Callable[[dict[str, int], dict[str, str]], None]  # (numbers, run ids) to keep
 
 
 class Driver:
@@ -33,14 +41,19 @@ class Driver:
     experiment; this is not)."""
 
     def __init__(self, ctx: StudyContext, observer: SearchObserver, finished: int,
-                 next_number: int, deadline: float | None) -> None:
+                 next_number: int, deadline: float | None, *,
+                 numbers: dict[str, int] | None = None, run_ids: dict[str, str] | None = None,
+                 remember: Remember | None = None) -> None:
         self.spec = ctx.spec
         self.ctx = ctx
         self.observer = observer
         self.finished = finished  # trials that count towards spec.trials
-        self.next_number = next_number
+        self.next_number = max([next_number, *[n + 1 for n in (numbers or {}).values()]])
         self.deadline = deadline  # time.monotonic() after which no new trial starts
-        self.running: dict[str, int] = {}  # Tune trial id -> number of its current attempt
+        self.numbers = dict(numbers or {})  # Tune trial id -> trial number, for good
+        self.run_ids = dict(run_ids or {})  # trial number (text) -> its MLflow run
+        self.remember = remember
+        self.running: dict[str, int] = {}  # Tune trial id -> its number, while it runs
         self.actors: dict[str, Any] = {}  # Tune trial id -> its actor (while running)
         self.open: set[str] = set()  # Tune trials created and not ended
         self.ended: set[str] = set()
@@ -75,44 +88,58 @@ class Driver:
         self.collect(timeout=0)
 
     def trial_started(self, trial: Any) -> None:
-        number = self.next_number
-        self.next_number += 1
-        self.started += 1
+        """A Tune trial's actor starts (or starts again): its number and run, before it
+        restores or trains (Tune schedules both after this callback; an actor runs its calls
+        in order)."""
+        number = self.numbers.get(trial.trial_id)
+        first = number is None
+        if number is None:
+            number = self.numbers[trial.trial_id] = self.next_number
+            self.next_number += 1
+            self.started += 1
+            self._remember()
         actor = trial.temporary_state.ray_actor
-        actor.assign.remote(number)  # before Tune's first train() call: actors run in order
+        actor.assign.remote(number, self.run_ids.get(str(number)))
         self.running[trial.trial_id] = number
         self.actors[trial.trial_id] = actor
         self.open.add(trial.trial_id)
-        self._tell(self.observer.trial_started, number, from_ray(self.spec.space, trial.config))
+        if first:
+            self._tell(self.observer.trial_started, number,
+                       from_ray(self.spec.space, trial.config))
 
     def trial_result(self, trial: Any, result: Mapping[str, Any]) -> None:
         info = info_of(result)
         number = self.running.get(trial.trial_id)
         if number is None:
             return
-        actor = self.actors[trial.trial_id]
+        if info.get("run_id") and self.run_ids.get(str(number)) != info["run_id"]:
+            self.run_ids[str(number)] = info["run_id"]
+            self._remember()
+        if info.get("resumed") is not None:
+            self._tell(self.observer.trial_resumed, number, *info["resumed"])
         if "epoch" in info:
             self._tell(self.observer.epoch_finished, number, info["epoch"], info["metrics"])
-            if result.get("done"):  # the scheduler stopped it after this epoch
-                prune = info["epoch"] < self.spec.max_epochs
-                self.concluding[actor.conclude.remote(prune)] = trial.trial_id
-            else:  # sent before Tune's next train() call reaches the actor
-                actor.verdict.remote(STOP_NOW if self.should_stop() else GO_ON)
-        elif "outcome" in info:
+        if "outcome" in info:  # it ended by itself: its last epoch, early stopping, a failure
             self.concluded(trial.trial_id, outcome_from(info["outcome"]))
-        elif "interrupted" in info:
-            self.concluded(trial.trial_id, None)
         elif "error" in info:
             kind, message = info["error"]
             self.trial_lost(trial.trial_id, retried=False)
             if self.stop_error is None:
                 error = {"data": DataError, "config": ConfigError}.get(kind, RuntimeError)
                 self.stop_error = error(f"a Ray trial could not run: {message}")
+        elif result.get("done"):  # the scheduler stopped it after this epoch: pruned
+            actor = self.actors[trial.trial_id]
+            prune = info.get("epoch", 0) < self.spec.max_epochs
+            self.concluding[actor.conclude.remote(prune)] = trial.trial_id
+
+    def _remember(self) -> None:
+        if self.remember is not None:
+            self.remember(self.numbers, self.run_ids)
 
     def trial_lost(self, trial_id: str, retried: bool, error: BaseException | None = None
                    ) -> None:
         """A trial's actor died (or Tune failed it): its run, if still open, ends as lost; Tune
-        retries it once (`retried`), as a new trial number."""
+        retries it once (`retried`), from its last checkpoint, under the same number."""
         number = self.running.pop(trial_id, None)
         self.actors.pop(trial_id, None)
         if number is not None:
@@ -121,6 +148,27 @@ class Driver:
             self.errors.append(first_line(error))
         if not retried:
             self.ended.add(trial_id)
+
+    def trial_completed(self, trial: Any) -> None:
+        """Tune ended a trial. One stopped while paused (synchronous HyperBand's halving) has
+        no actor to end it: it ends here, PRUNED, from its last checkpoint."""
+        trial_id = trial.trial_id
+        if trial_id in self.ended or trial_id in self.concluding.values() \
+                or trial_id not in self.numbers:
+            return
+        number = self.numbers[trial_id]
+        state = None
+        if trial.checkpoint is not None:
+            state, _ = load_checkpoint(Path(trial.checkpoint.path) / CHECKPOINT_FILE)
+        runner = TrialRunner(self.ctx, number, from_ray(self.spec.space, trial.config))
+        try:
+            runner.begin(state, run_id=self.run_ids.get(str(number)))
+            if not runner.done:
+                runner.stop(f"stopped by the scheduler at epoch {runner.epoch}")
+            outcome = runner.end()
+        except Exception as exc:
+            outcome = runner.failed(exc)
+        self.concluded(trial_id, outcome)
 
     def concluded(self, trial_id: str, outcome: TrialOutcome | None) -> None:
         self.running.pop(trial_id, None)

@@ -25,6 +25,7 @@ class TrialSetup:
     study_run_id: str
     use_gpu: bool
     threads: int  # torch intra-op threads per trial: its share of the cores
+    pbt: bool = False  # Population Based Training: trials log what it perturbs, each epoch
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def ray_runtime(spec: StudySpec, slots: list[Slot] | None) -> Iterator[None]:
                               f"{first_line(exc)}; check --ray-address") from None
     else:
         gpus = sorted({s.cuda_visible_devices or "" for s in slots or [] if s.gpu is not None})
-        with _environment(CUDA_VISIBLE_DEVICES=",".join(gpus)):  # Ray sees the study's GPUs
+        with environment(CUDA_VISIBLE_DEVICES=",".join(gpus)):  # Ray sees the study's GPUs
             ray.init(num_cpus=available_cores(), num_gpus=len(gpus), **quiet)  # type: ignore[arg-type]
     try:
         yield
@@ -51,7 +51,7 @@ def ray_runtime(spec: StudySpec, slots: list[Slot] | None) -> Iterator[None]:
 
 
 @contextmanager
-def _environment(**values: str) -> Iterator[None]:
+def environment(**values: str) -> Iterator[None]:
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -74,7 +74,7 @@ def quiet_tune() -> Iterator[None]:
     level = tune_log.level
     tune_log.setLevel(logging.ERROR)  # "trials did not complete" and the like: ours to say
     try:
-        with _environment(RAY_AIR_NEW_OUTPUT="0", TUNE_GLOBAL_CHECKPOINT_S=CHECKPOINT_EVERY_S,
+        with environment(RAY_AIR_NEW_OUTPUT="0", TUNE_GLOBAL_CHECKPOINT_S=CHECKPOINT_EVERY_S,
                           TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
             yield
     finally:

@@ -1,7 +1,7 @@
 """The classes a Ray search hands to Tune, which derive from Ray's: imported, with Ray, only when
 a study runs on the Ray backend (Ray pickles them by reference, so they live at module level).
 
-- RayTrial: one trial attempt in its own actor, `run_trial` in a thread paced by Tune.
+- RayTrial: one trial in its own actor, an epoch per step, its state Tune's checkpoint.
 - TrialEvents: Tune's events, on the driver, to the running search.
 - HaltSearch: ends the Tune run when the search is interrupted or a trial cannot start.
 - StudySearch: OptunaSearch that knows the study (history, enqueued configurations, the count).
@@ -10,11 +10,9 @@ a study runs on the Ray backend (Ray pickles them by reference, so they live at 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import queue
-import threading
 import warnings
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,32 +28,30 @@ from hpo.config.space import Scalar
 from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome, TrialState
 from hpo.search.backends.optuna.samplers import SAMPLERS
-from hpo.search.backends.ray.driver import (
-    GO_ON,
-    PRUNE,
-    STOP_NOW,
-    error_kind,
-    info_of,
-    live_driver,
-)
+from hpo.search.backends.ray.driver import error_kind, info_of, live_driver
 from hpo.search.backends.ray.placement import TrialSetup
 from hpo.search.backends.ray.space import from_ray, nothing_to_search, to_ray
+from hpo.search.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from hpo.search.context import StudyContext
-from hpo.search.trial import run_trial
+from hpo.search.trial import TrialRunner
 from hpo.tracking.client import Tracker
-from hpo.tracking.tags import TAG_DEVICE, TAG_WORKER
+from hpo.tracking.tags import PERTURBED_PREFIX, TAG_DEVICE, TAG_WORKER
 from imgcls.data.prepare import prepare_data
 from imgcls.errors import first_line
 
+log = logging.getLogger(__name__)
+
 
 class RayTrial(Trainable):
-    """One trial attempt in its own actor: `run_trial` in a thread, paced by Tune.
+    """One trial in its own actor, an epoch per `step()`: THE trial's runner, paced by Tune.
 
-    Each step returns one epoch's report (or, last, the outcome). After a report the
-    thread waits for a verdict from the driver, who sends it as it hears of the report,
-    before Tune's next train() call (an actor runs its calls in order): `verdict` (go on,
-    or interrupted), or `conclude` (the scheduler stopped the trial: pruned, or after its
-    last epoch, finished). `cleanup` without a verdict means interrupted."""
+    `save_checkpoint`/`load_checkpoint` are the runner's checkpoint (the trainer's whole state,
+    and what the trial is), so Tune can pause a trial and resume it (synchronous HyperBand),
+    restart a trial from another's checkpoint with perturbed hyperparameters (PBT), and restore
+    trials after the driver died. Before the first step the driver tells the actor which trial
+    it runs (`assign`: number and MLflow run). A trial that ends by itself (its last epoch,
+    early stopping, a failure) reports its outcome with its last epoch; one that the scheduler
+    stops is ended by the driver's `conclude`, which Tune's stop waits behind."""
 
     def setup(self, config: dict[str, Any], setup: TrialSetup) -> None:
         self._setup = setup
@@ -63,117 +59,103 @@ class RayTrial(Trainable):
         self.reset_config(config)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
-        """The actor takes on another trial (Tune reuses actors: imports, the decoded
-        images and the tracker are set up once per actor, not per trial)."""
-        if getattr(self, "_thread", None) is not None:
-            self.cleanup()
+        """The actor takes on a trial (a new one, or one restarted by PBT with a new config;
+        imports, the decoded images and the tracker are set up once per actor)."""
         self._params = from_ray(self._setup.spec.space, new_config)
         self._number: int | None = None
-        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self._verdicts: queue.Queue[str] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._waiting = False  # the thread waits for a verdict on its last report
+        self._run_id: str | None = None
+        self._runner: TrialRunner | None = None
+        self._loaded: dict[str, Any] | None = None  # a checkpoint to go on from
+        self._outcome: dict[str, Any] | None = None
+        self._failed: TrialOutcome | None = None  # the trial could not begin
         return True
 
-    def assign(self, number: int) -> None:
-        """The trial number, from the driver, before the first step."""
-        self._number = number
+    def assign(self, number: int, run_id: str | None) -> None:
+        """Which trial this is: its number, and its MLflow run if it has one already."""
+        self._number, self._run_id = number, run_id
 
     def step(self) -> dict[str, Any]:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, daemon=True,
-                                            name="imgcls-hpo-trial")
-            self._thread.start()
-        return self._report(self._events.get())
-
-    def verdict(self, verdict: str) -> None:
-        """GO_ON or STOP_NOW for the epoch last reported (ignored after the last epoch,
-        which waits for nothing)."""
-        if self._waiting:
-            self._waiting = False
-            self._verdicts.put(verdict)
+        objective = self._setup.spec.objective
+        info: dict[str, Any] = {}
+        try:
+            runner = self._runner or self._begin(info)
+        except Exception as exc:  # a study-wide problem (data, tracking): not a trial's
+            info = {"error": [error_kind(exc), first_line(exc)]}
+            return {objective: math.nan, "epoch": 0, "done": True, "hpo": json.dumps(info)}
+        if self._failed is not None:  # its hyperparameters or its model
+            return self._ended(self._failed, info)
+        try:
+            metrics = runner.step()
+            if self._setup.pbt and runner.run is not None:
+                runner.run.log_metrics({f"{PERTURBED_PREFIX}{k}": float(v)
+                                        for k, v in runner.perturbed().items()},
+                                       step=runner.epoch)
+            info.update(epoch=runner.epoch, metrics={k: float(v) for k, v in metrics.items()},
+                        run_id=runner.run.run_id if runner.run else None)
+            if runner.done:
+                return self._ended(runner.end(), info)
+        except Exception as exc:
+            return self._ended(runner.failed(exc), info)
+        return {objective: metrics.get(objective, math.nan), "epoch": runner.epoch,
+                "hpo": json.dumps(info)}
 
     def conclude(self, prune: bool) -> dict[str, Any] | None:
-        """The scheduler stopped the trial after its last report: prune it there (or, after
-        the last epoch, let it finish); returns the outcome once its run is closed."""
-        self.verdict(PRUNE if prune else GO_ON)
-        return self._finish()
-
-    def cleanup(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self.verdict(STOP_NOW)  # stopped without a verdict: the search was interrupted
-            self._finish()
-
-    def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
-        return {}  # a trial trains in one piece: nothing to resume from
-
-    def load_checkpoint(self, checkpoint: Any) -> None:
-        pass
-
-    def _finish(self) -> dict[str, Any] | None:
-        assert self._thread is not None
-        self._thread.join()
-        outcome = None
-        while not self._events.empty():
-            event = self._events.get()
-            if event[0] == "outcome":
-                outcome = event[1]
-        return outcome
-
-    def _report(self, event: tuple[Any, ...]) -> dict[str, Any]:
-        objective = self._setup.spec.objective
-        kind = event[0]
-        if kind == "epoch":
-            _, epoch, metrics, waiting = event
-            self._waiting = waiting
-            return {objective: metrics.get(objective, math.nan), "epoch": epoch,
-                    "hpo": json.dumps({"epoch": epoch, "metrics": metrics})}
-        if kind == "outcome":
-            outcome = event[1]
-            value = outcome["value"]
-            return {objective: math.nan if value is None else value,
-                    "epoch": outcome["epochs"], "done": True,
-                    "hpo": json.dumps({"outcome": outcome})}
-        # "error": the study's data or tracking cannot be opened here; or "interrupted"
-        info = {"error": list(event[1:])} if kind == "error" else {"interrupted": True}
-        return {objective: math.nan, "epoch": 0, "done": True, "hpo": json.dumps(info)}
-
-    def _work(self) -> None:
+        """The scheduler stopped the trial after its last report: it ends there, PRUNED (or,
+        after its last epoch, COMPLETE). Its outcome, once its run is closed."""
+        runner = self._runner
+        if self._outcome is not None or runner is None:
+            return self._outcome
         try:
-            if self._ctx is None:
-                self._ctx = self._context()
-            ctx = self._ctx
-        except Exception as exc:  # a study-wide problem (data, tracking): not a trial's
-            self._events.put(("error", error_kind(exc), first_line(exc)))
-            return
-        metrics: dict[str, float] = {}
-        max_epochs = self._setup.spec.max_epochs
+            if prune and not runner.done:
+                runner.stop(f"stopped by the scheduler at epoch {runner.epoch}")
+            outcome = runner.end()
+        except Exception as exc:
+            outcome = runner.failed(exc)
+        self._outcome = asdict(outcome)
+        return self._outcome
 
-        def on_epoch(number: int, epoch: int, values: Mapping[str, float]) -> None:
-            metrics.clear()
-            metrics.update({k: float(v) for k, v in values.items()})
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        state = self._runner.checkpoint() if self._runner is not None else self._loaded
+        if state is not None:
+            save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, state)
 
-        def should_prune(epoch: int, value: float) -> bool:
-            waits = epoch < max_epochs  # after the last epoch there is nothing to stop
-            self._events.put(("epoch", epoch, dict(metrics), waits))
-            if not waits:
-                return False
-            verdict = self._verdicts.get()
-            if verdict == STOP_NOW:
-                raise KeyboardInterrupt  # run_trial closes the run KILLED, "interrupted"
-            return verdict == PRUNE
+    def load_checkpoint(self, checkpoint_dir: Any) -> None:
+        state, why = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+        if why:
+            log.warning("%s", why)
+        self._loaded, self._runner = state, None  # taken up at the next step
 
+    def _begin(self, info: dict[str, Any]) -> TrialRunner:
+        """The runner for the assigned trial: from its own checkpoint, from another trial's
+        (PBT's exploit), or from epoch 1."""
+        if self._ctx is None:
+            self._ctx = self._context()
         assert self._number is not None, "the driver assigns the number before step()"
+        runner = self._runner = TrialRunner(self._ctx, self._number, self._params,
+                                            self._placement())
+        state = self._loaded
+        own = state is not None and state.get("trial", {}).get("number") == self._number
         try:
-            outcome = run_trial(ctx, self._number, self._params, should_prune, on_epoch,
-                                placement=self._placement())
-        except KeyboardInterrupt:
-            self._events.put(("interrupted",))
-            return
-        except BaseException as exc:  # run_trial returns failures: this is a bug; say it
-            self._events.put(("error", error_kind(exc), first_line(exc)))
-            raise
-        self._events.put(("outcome", asdict(outcome)))
+            if own or state is None:
+                why = runner.begin(state, again=self._run_id is not None)
+                if runner.epoch or why or self._run_id is not None:
+                    info["resumed"] = [runner.epoch, why]
+            else:
+                runner.begin(None, run_id=self._run_id)
+                donor = runner.adopt(state)
+                info["resumed"] = [runner.epoch, None]
+                info["exploited"] = donor
+        except Exception as exc:
+            self._failed = runner.failed(exc)
+        self._loaded = None
+        return runner
+
+    def _ended(self, outcome: TrialOutcome, info: dict[str, Any]) -> dict[str, Any]:
+        self._outcome = asdict(outcome)
+        info["outcome"] = self._outcome
+        value = outcome.value
+        return {self._setup.spec.objective: math.nan if value is None else value,
+                "epoch": outcome.epochs, "done": True, "hpo": json.dumps(info)}
 
     def _context(self) -> StudyContext:
         s = self._setup
@@ -188,6 +170,7 @@ class RayTrial(Trainable):
         gpus = ray.get_gpu_ids() if self._setup.use_gpu else []
         device = f"cuda:{gpus[0]}" if gpus else "cpu"
         return {TAG_DEVICE: device, TAG_WORKER: f"ray/{ray.util.get_node_ip_address()}"}
+
 
 class TrialEvents(Callback):
     """Tune's events, on the driver, to the running search (found by `key`)."""
@@ -218,6 +201,12 @@ class TrialEvents(Callback):
                        **info: Any) -> None:
         if (driver := live_driver(self.key)) is not None:
             driver.trial_lost(trial.trial_id, retried=False, error=trial.get_error())
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        if (driver := live_driver(self.key)) is not None:
+            driver.trial_completed(trial)
+
 
 class HaltSearch(Stopper):
     """Ends the Tune run when the search is interrupted or a trial cannot start."""
