@@ -1,23 +1,22 @@
-"""What the search benchmarks (study.py, pruning.py) share: a study spec with overrides, a search
-with MLflow tracking switched off, and a way to time each trial's training.
+"""What the search benchmarks (study.py, pruning.py) share: a study spec with overrides, and a
+search with MLflow tracking switched off.
 
 A search without tracking, `search_untracked`, is `run_search` less its MLflow calls: the same
-`prepare_search`, the backend's study, a `StudyContext` whose tracker is None and
-`study.optimize`, so that the two differ in tracking and in nothing else.
+`prepare_search`, the backend's study, a `StudyContext` whose tracker is None (its trials still
+checkpoint every epoch) and `study.optimize`, so that the two differ in tracking and in nothing
+else.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
-import hpo.search.trial
 from hpo.config.space import Scalar
 from hpo.config.store import Store
 from hpo.config.study import StudySpec, load_study
 from hpo.config.trial import TrialOutcome
+from hpo.search.checkpoints import Checkpoints
 from hpo.search.context import StudyContext
 from hpo.search.devices import plan_slots
 from hpo.search.events import NullObserver, SearchObserver
@@ -56,32 +55,11 @@ def search_untracked(spec: StudySpec, store: Store,
                          f"backend optuna, one slot (got {spec.backend}, {len(slots)} slots)")
     backend, device, data = prepare_search(spec, store)
     study = backend.open(spec, store)
-    ctx = StudyContext(spec, data, device, tracker=None)
+    ctx = StudyContext(spec, data, device, tracker=None,
+                       checkpoints=Checkpoints(store.checkpoint_dir / spec.name))
     observer.study_started(spec, data, study.trials())
     study.optimize(ctx, observer)
     return study.trials()
-
-
-@contextmanager
-def fit_seconds() -> Iterator[list[float]]:
-    """Seconds of every `fit()` call a trial makes in this process, in call order: the same
-    interval a tracked trial logs as `train_seconds`. Trials must train in this process (one
-    slot), as they do on a CPU-only machine with workers=1."""
-    seconds: list[float] = []
-    original = hpo.search.trial.fit
-
-    def timed_fit(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - start)
-
-    hpo.search.trial.fit = timed_fit  # type: ignore[assignment]
-    try:
-        yield seconds
-    finally:
-        hpo.search.trial.fit = original  # type: ignore[assignment]
 
 
 def best_value(trials: list[TrialOutcome], spec: StudySpec) -> float | None:

@@ -91,6 +91,7 @@ patience: null
 seed: 0
 sampler: random
 pruner: none
+checkpoint_every: 1  # every epoch: what the resume tests count on
 space:
   lr: 0.01..0.1:log
   momentum: 0.9

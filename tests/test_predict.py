@@ -283,31 +283,30 @@ def test_an_exported_graph_predicts_as_the_module_it_was_traced_from(tmp_path: P
 @pytest.mark.slow
 def test_a_logged_trial_model_predicts_its_test_images_as_its_run_recorded(
         study_file: Path, store: Store, image_folder: Path, tmp_path: Path) -> None:
-    """Weights and metadata from MLflow give the test-split probabilities the trial logged."""
-    import mlflow
+    """The weights a COMPLETE trial logged (runs:/ID/model) give the test-split probabilities
+    its run recorded."""
     from mlflow import MlflowClient
 
+    from hpo.after.models import resolve_model
     from hpo.config.study import load_study
     from hpo.search.run import run_search
-    from hpo.tracking.client import fluent_tracking_uri
+    from hpo.tracking.client import Tracker
 
     result = run_search(load_study(str(study_file), {"trials": 1}), store)
     run_id = result.trials[0].run_id
     assert result.trials[0].state == "COMPLETE" and run_id is not None
-    with fluent_tracking_uri(store.tracking_uri):
-        graph = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-        metadata = mlflow.models.get_model_info(f"runs:/{run_id}/model").metadata["imgcls"]
+    uri, pred = resolve_model(Tracker(store.tracking_uri), f"runs:/{run_id}/model")
+    assert uri == f"runs:/{run_id}/model"
     logged = MlflowClient(store.tracking_uri).download_artifacts(
         run_id, "predictions_test.csv", str(tmp_path))
     with open(logged, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows
 
-    prep = Preprocessing.from_metadata(metadata)
+    classes = pred.preprocessing.classes
     files = [image_folder / r["file"] for r in rows]
-    expected = np.array([[float(r[f"p_{c}"]) for c in prep.classes] for r in rows])
-    for pred in (Predictor.from_state_dict(graph.state_dict(), prep), Predictor(graph, prep)):
-        predictions = pred.predict_files(files, batch_size=3)
-        got = np.array([[p.probabilities[c] for c in prep.classes] for p in predictions])
-        np.testing.assert_allclose(got, expected, atol=2e-6)
-        assert [p.prediction for p in predictions] == [r["prediction"] for r in rows]
+    expected = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    predictions = pred.predict_files(files, batch_size=3)
+    got = np.array([[p.probabilities[c] for c in classes] for p in predictions])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert [p.prediction for p in predictions] == [r["prediction"] for r in rows]

@@ -1,9 +1,11 @@
 """Whole searches with real Optuna storage and a real MLflow store."""
 
 import csv
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from hpo.config.store import Store
@@ -227,3 +229,24 @@ def test_a_trial_whose_checkpoint_is_unreadable_starts_over_in_a_new_run(
     replaced = MlflowClient(store.tracking_uri).get_run(first.info.run_id)
     assert replaced.data.tags["imgcls_hpo.superseded_by"] == trial.run_id
     assert not checkpoint.exists()
+
+
+def test_auto_checkpoints_keep_their_writing_under_a_hundredth_of_the_training() -> None:
+    from hpo.search.checkpoints import AUTO_SHARE, CheckpointPolicy, WriteSpeed
+
+    speed = WriteSpeed()
+    policy = CheckpointPolicy("auto", speed)
+    nbytes = 100_000_000
+    assert policy.due(1, trained=3.0, last=False, nbytes=nbytes)  # the first: it measures
+    with policy.writing({"w": torch.zeros(nbytes // 4)}, trained=3.0):
+        time.sleep(0.05)
+    cost = speed.cost(nbytes)
+    assert cost is not None and cost >= 0.05
+    # due once the training since the last checkpoint pays for the write a hundred times over
+    assert not policy.due(2, trained=3.0 + 0.9 * cost / AUTO_SHARE, last=False, nbytes=nbytes)
+    assert policy.due(3, trained=3.0 + 1.1 * cost / AUTO_SHARE, last=False, nbytes=nbytes)
+    assert policy.due(3, trained=3.0 + 0.6 * cost / AUTO_SHARE, last=False, nbytes=nbytes // 2)
+    assert not policy.due(4, trained=1e9, last=True, nbytes=nbytes)  # the trial ends now
+    # every N epochs, whatever a write costs; 0: never
+    assert [e for e in range(1, 8) if CheckpointPolicy(3, speed).due(e, 0.0, e == 7, 1)] == [3, 6]
+    assert not any(CheckpointPolicy(0, WriteSpeed()).due(e, 9e9, False, 1) for e in range(1, 5))

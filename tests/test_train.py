@@ -343,6 +343,27 @@ def test_a_trainer_resumed_from_its_saved_state_goes_on_as_if_never_stopped(
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+def test_a_saved_state_holds_the_best_weights_once_and_restores_them(
+        digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    trainer = _trainer(digits)
+    for _ in range(3):
+        trainer.step()
+        torch.save(trainer.state_dict(), tmp_path / "state.pt")
+        state = torch.load(tmp_path / "state.pt", weights_only=True)
+        # an epoch that was the best so far: its weights are the model's, not written twice
+        assert (state["best"]["weights"] is None) == (trainer.best_epoch == trainer.epoch)
+        resumed = _trainer(digits, seed=7)
+        resumed.load_state_dict(state)
+        assert resumed.best_epoch == trainer.best_epoch
+        assert trainer.best_weights is not None and resumed.best_weights is not None
+        for key, value in trainer.best_weights.items():
+            assert torch.equal(value, resumed.best_weights[key]), key
+        restored = resumed.best_weights
+        resumed.step()  # training on leaves the restored best weights as they were
+        for key, value in trainer.best_weights.items():
+            assert torch.equal(value, restored[key]), key
+
+
 def test_population_based_training_changes_what_may_change(digits) -> None:  # type: ignore[no-untyped-def]
     from imgcls.data.augment import Augment
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -77,9 +77,11 @@ class StudySpec(BaseModel):
     # sharing the GPU). Within it they move to the GPU once per trial; beyond it batches are
     # gathered in pinned host memory while the previous step computes. 0: always the latter.
     device_cache: float = Field(0.25, ge=0, le=0.9)
-    # Epochs between a trial's checkpoints (and its last epoch): what a trial interrupted or
-    # lost goes on from, in the next search. 0: none, and such a trial starts over.
-    checkpoint_every: int = Field(1, ge=0)
+    # When a trial checkpoints, after an epoch: what a trial interrupted or lost goes on from,
+    # in the next search. N: every N epochs (1: at most one epoch is ever trained twice); 0:
+    # never, and such a trial starts over; auto: as often as keeps the writing under 1% of the
+    # training (hpo.search.checkpoints.CheckpointPolicy).
+    checkpoint_every: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     # What a COMPLETE trial logs as its model: "weights" (its best weights and preprocessing;
     # promote exports them as a pyfunc), or "all" (also MLflow's pt2 model, a second or two of
     # export per trial)

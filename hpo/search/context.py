@@ -10,7 +10,7 @@ import torch
 
 from hpo.config.study import StudySpec
 from hpo.search.artifacts import ArtifactWriter, Inline
-from hpo.search.checkpoints import Checkpoints
+from hpo.search.checkpoints import Checkpoints, WriteSpeed
 from hpo.tracking.client import Tracker
 from imgcls.data.prepare import PreparedData
 from imgcls.train.accel import Acceleration, fits_on_device
@@ -26,9 +26,11 @@ class StudyContext:
     tracker: Tracker | None = None  # None: no tracking (benchmarks of the bare training path)
     experiment_id: str = ""
     study_run_id: str = ""
-    checkpoints: Checkpoints | None = None  # None: trials do not checkpoint
+    checkpoints: Checkpoints | None = None  # None: trials do not checkpoint (or Ray does)
     # Where a trial's figures are rendered: in the background, or at once (Inline)
     artifacts: ArtifactWriter | Inline = field(default_factory=Inline)
+    # How fast this process writes checkpoints: what checkpoint_every auto plans with
+    checkpoint_speed: WriteSpeed = field(default_factory=WriteSpeed)
 
     @cached_property
     def acceleration(self) -> Acceleration:

@@ -2,11 +2,12 @@
 outcome. Both backends drive the same TrialRunner; they differ only in how they sample values,
 decide pruning and keep checkpoints.
 
-A trial can stop and go on. After each epoch (every `checkpoint_every`) the runner's whole state
-is checkpointed (hpo.search.checkpoints) before the epoch is logged or reported, so that a trial
-killed at any point goes on from its last checkpoint in the same MLflow run (reopened), at most
-one epoch trained again and no epoch logged twice. A trial whose checkpoint is missing, unreadable
-or written for other settings starts over from epoch 1 in a new run, and says why.
+A trial can stop and go on. After an epoch (as the study's `checkpoint_every` says) the runner's
+whole state is checkpointed (hpo.search.checkpoints) before the epoch is logged or reported, so
+that a trial killed at any point goes on from its last checkpoint in the same MLflow run
+(reopened), no epoch logged twice (with checkpoint_every: 1, at most one trained twice). A trial
+whose checkpoint is missing, unreadable or written for other settings starts over from epoch 1
+in a new run, and says why.
 
 Each trial ends told: COMPLETE, PRUNED, or FAILED with a reason. A failure is recorded and
 returned, never raised, so that the study goes on; only an interrupt (Ctrl-C) propagates, after
@@ -29,6 +30,7 @@ from hpo.config.hparams import PERTURBABLE, HParams, first_error
 from hpo.config.space import Scalar
 from hpo.config.trial import TrialOutcome, TrialState
 from hpo.search.assess import EVAL_BATCH_SIZE, assess, input_example, model_metadata
+from hpo.search.checkpoints import CheckpointPolicy, state_bytes
 from hpo.search.context import StudyContext, trial_seed
 from hpo.tracking.models import log_weights
 from hpo.tracking.runs import TrialRun, logged_epochs, reopen_trial, start_trial
@@ -89,6 +91,7 @@ class TrialRunner:
         self.cost: dict[str, float] = {}  # the model's params_count, flops, macs
         self.logged = 0  # the epochs the trial's run holds
         self.pruned = False
+        self.policy = CheckpointPolicy(ctx.spec.checkpoint_every, ctx.checkpoint_speed)
         self._started = time.perf_counter()
 
     # -- the trial's life ------------------------------------------------------------------
@@ -122,6 +125,7 @@ class TrialRunner:
         if checkpoint is not None and why is None:
             self.trainer.load_state_dict(checkpoint["trainer"])
             run_id = checkpoint["trial"].get("run_id")
+        self.policy.since = self.trainer.seconds
         accel.reset_peak_memory()
         self._open_run(run_id, again=again or checkpoint is not None)
         for h in self.trainer.history:  # trained, checkpointed, but not logged before the stop
@@ -129,16 +133,23 @@ class TrialRunner:
         return why
 
     def step(self) -> dict[str, float]:
-        """Train one epoch; checkpoint it (every `checkpoint_every`, and the last one), then log
-        it. Its metrics."""
+        """Train one epoch; checkpoint it when due (into the study's checkpoints, where the
+        runner keeps them), then log it. Its metrics."""
         assert self.trainer is not None, "begin() first"
         metrics = self.trainer.step()
-        epoch, every = self.trainer.epoch, self.ctx.spec.checkpoint_every
-        if self.ctx.checkpoints is not None and every and (epoch % every == 0
-                                                           or self.trainer.done):
-            self.ctx.checkpoints.save(self.number, self.checkpoint())
-        self._log_epoch(epoch, metrics)
+        checkpoints = self.ctx.checkpoints
+        if checkpoints is not None and self.checkpoint_due():
+            state = self.checkpoint()
+            with self.policy.writing(state, self.trainer.seconds):
+                checkpoints.save(self.number, state)
+        self._log_epoch(self.trainer.epoch, metrics)
         return metrics
+
+    def checkpoint_due(self) -> bool:
+        """Whether the epoch just trained is to be checkpointed (the study's checkpoint_every)."""
+        assert self.trainer is not None
+        return self.policy.due(self.trainer.epoch, self.trainer.seconds, self.trainer.done,
+                               state_bytes(self.trainer.state_dict()))
 
     @property
     def done(self) -> bool:

@@ -155,8 +155,10 @@ class Trainer:
         best = None
         if self.best_weights is not None:
             assert self.best_evaluation is not None
+            # the best epoch's weights, unless they are the model's own (this epoch was best)
+            weights = None if self.best_epoch == self.epoch else self.best_weights
             best = {"epoch": self.best_epoch, "metrics": dict(self.best_metrics),
-                    "weights": self.best_weights,
+                    "weights": weights,
                     "y_true": torch.from_numpy(self.best_evaluation.y_true),
                     "probs": torch.from_numpy(self.best_evaluation.probs)}
         return {
@@ -188,7 +190,8 @@ class Trainer:
             self.best_weights = self.best_evaluation = None
         else:
             self.best_epoch, self.best_metrics = int(best["epoch"]), dict(best["metrics"])
-            self.best_weights = dict(best["weights"])
+            weights = state["model"] if best["weights"] is None else best["weights"]
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
             probs = best["probs"].numpy()
             self.best_evaluation = Evaluation(
                 {k: v for k, v in self.best_metrics.items() if k.startswith("val_")},

@@ -1,5 +1,5 @@
 """Ray Tune: every trial a Tune trial, run in its own Ray actor through THE trial
-(`hpo.search.trial.run_trial`).
+(`hpo.search.trial.TrialRunner`).
 
 How a study maps onto Tune:
 - Search: Ray's OptunaSearch over the study's space (converted in space.py), with Optuna's
@@ -7,25 +7,23 @@ How a study maps onto Tune:
   enqueued configurations, the trials of earlier searches (TPE learns from them) and
   `timeout` work alike.
 - Pruning: a Tune scheduler under the Optuna pruner's name, comparing trials at the same
-  epochs (schedulers.py): sha as ASHA, hyperband as asynchronous HyperBand, or none.
+  epochs (schedulers.py): sha as ASHA, hyperband as synchronous HyperBand (it pauses and
+  resumes trials), pbt, or none.
 - Placement: one trial per slot, `max_concurrent_trials` slots; a trial asks for its share of
   the cores, and 1/trials_per_gpu of a GPU when GPUs are used.
 - State: Tune's experiment under `<store>/ray/<study>` (restored when a search was cut short:
   Tuner.restore), and a JSON file of study attributes beside it in that folder.
 - Trials: MLflow is the record (`RayStudy.trials` reads the study run's trial runs), with the
-  same layout as the Optuna backend's, since both call `run_trial`. Trial numbers are handed
-  out by the driver as trials start: 0.. in order, unique across resumes (a retried or
-  restored trial gets a new number).
+  same layout as the Optuna backend's, since both drive the same TrialRunner. Trial numbers
+  are handed out by the driver as trials start: 0.. in order, unique across resumes; a Tune
+  trial keeps its number and its MLflow run however often it is paused, restored or exploited.
 
-Pruning, in detail: Tune stops a trial by calling its actor's `stop()`; a function trainable
-hears of it only as an exit raised inside its next report, and its actor is dropped without
-waiting for it to record anything. So trials are a class Trainable (`RayTrial`) that runs
-`run_trial` in a thread, and after each epoch's report waits for the driver's verdict: go on,
-prune, or interrupted (driver.py). When the scheduler stops a trial early, the driver tells
-the actor to prune (`RayTrial.conclude`) before Tune stops it, and the trial ends PRUNED in
-MLflow, assessed like an Optuna-pruned one. An interrupted search (Ctrl-C, or an observer
-raising KeyboardInterrupt) ends its running trials at their next epoch's end: INTERRUPTED,
-closed KILLED, not counted.
+A trial is a class Trainable (tune.py: `RayTrial`): one epoch per `step()`, the TrialRunner's
+state as Tune's checkpoint (written when the study's checkpoint policy says, and whenever Tune
+pauses the trial), so that Tune's own protocol pauses, resumes, prunes and restores it. A
+trial Tune stops before its end is assessed PRUNED when its scheduler stopped it, or closed
+INTERRUPTED (not counted) when the search was interrupted (Ctrl-C), and a restored search
+takes it up from its checkpoint.
 
 One search at a time per study: the Tune experiment folder has one writer. Importing this module
 imports Ray (through tune.py, where the classes deriving from Ray's live).
@@ -240,10 +238,11 @@ class RayStudy:
                 name=spec.name, storage_path=str(self.path.parent), verbose=0,
                 callbacks=[TrialEvents(key)], stop=HaltSearch(key),
                 # What a restored search, synchronous HyperBand and PBT go on from: the latest
-                # state of each trial, every checkpoint_every epochs (HyperBand and PBT also
-                # save when they pause or exploit)
+                # state of each trial, saved when the trial's result says the study's
+                # checkpoint_every makes one due (HyperBand and PBT also save when they pause or
+                # exploit)
                 checkpoint_config=tune.CheckpointConfig(
-                    checkpoint_frequency=spec.checkpoint_every,
+                    checkpoint_frequency=0,
                     # PBT clones a trial's checkpoint after the trial has gone on: keep a few
                     num_to_keep=3 if spec.pruner == "pbt" else 1, checkpoint_at_end=False),
                 # an actor that dies (killed, out of memory) is retried once, from its last

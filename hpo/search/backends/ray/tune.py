@@ -21,6 +21,7 @@ import optuna
 import ray
 import torch
 from ray.tune import Callback, Stopper, Trainable
+from ray.tune.result import SHOULD_CHECKPOINT
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -94,10 +95,13 @@ class RayTrial(Trainable):
                         run_id=runner.run.run_id if runner.run else None)
             if runner.done:
                 return self._ended(runner.end(), info)
+            due = runner.checkpoint_due()
         except Exception as exc:
             return self._ended(runner.failed(exc), info)
+        # Tune saves the trial's checkpoint after this result when the study's checkpoint_every
+        # makes one due (and before a pause or an exploit)
         return {objective: metrics.get(objective, math.nan), "epoch": runner.epoch,
-                "hpo": json.dumps(info)}
+                SHOULD_CHECKPOINT: due, "hpo": json.dumps(info)}
 
     def conclude(self, prune: bool) -> dict[str, Any] | None:
         """The scheduler stopped the trial after its last report: it ends there, PRUNED (or,
@@ -115,9 +119,13 @@ class RayTrial(Trainable):
         return self._outcome
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        state = self._runner.checkpoint() if self._runner is not None else self._loaded
-        if state is not None:
-            save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, state)
+        runner = self._runner
+        if runner is not None and runner.trainer is not None:
+            state = runner.checkpoint()
+            with runner.policy.writing(state, runner.trainer.seconds):
+                save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, state)
+        elif self._loaded is not None:  # restored, not yet stepped: what it was restored from
+            save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, self._loaded)
 
     def load_checkpoint(self, checkpoint_dir: Any) -> None:
         state, why = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
