@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -160,9 +162,39 @@ def test_ui_serves_the_store_with_its_artifacts(study_file: Path, tmp_path: Path
         png = urllib.request.urlopen(f"{base}/get-artifact?path=confusion_matrix_val.png"
                                      f"&run_uuid={trial['info']['run_id']}").read()
         assert png.startswith(b"\x89PNG")
+        workers = _descendants(server.pid)
+        assert workers  # the MLflow server and its workers
     finally:
-        server.terminate()
+        server.terminate()  # SIGTERM, as a service manager or `kill` stops it
         server.wait(timeout=30)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # what the command failed to stop, stopped here
+        os.kill(pid, signal.SIGKILL)
+    assert left == []  # nothing left serving
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid` in the process tree, now."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces, never the last ")"
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_store_that_is_a_file(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -311,6 +310,7 @@ def ui(
     tracking_uri: str | None = TrackingOpt,
 ) -> None:
     """Start the MLflow UI on the project's store."""
+    from hpo.cli.processes import run_in_foreground
     from hpo.config.store import Store
     from imgcls.errors import ConfigError
 
@@ -328,11 +328,7 @@ def ui(
                # experiments made in the UI keep their artifacts under the store too
                "--artifacts-destination", where.artifact_root.as_uri()]
     console.print(f"MLflow UI on http://{host}:{port} for {where.tracking_uri} (Ctrl-C stops it)")
-    try:
-        code = subprocess.call(command)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    raise typer.Exit(run_in_foreground(command))
 
 
 def _open_store(store: Path | None, tracking_uri: str | None) -> tuple[Any, Any]:
