@@ -48,7 +48,9 @@ def test_a_search_records_its_trials_in_the_mlflow_layout_and_resumes_to_the_tot
     assert study_run.data.metrics["trials_complete"] == 3
     client = MlflowClient(store.tracking_uri)
     trial_runs = sorted(_runs(store, "trial"), key=lambda r: r.info.run_name)
-    assert [r.info.run_name for r in trial_runs] == ["trial-000", "trial-001", "trial-002"]
+    # the runs table says how each trial ended, in the name it shows anyway
+    assert [r.info.run_name for r in trial_runs] == [
+        "trial-000 COMPLETE", "trial-001 COMPLETE", "trial-002 COMPLETE"]
     for run, outcome in zip(trial_runs, result.trials, strict=True):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert run.info.run_id == outcome.run_id and run.info.status == "FINISHED"
@@ -73,7 +75,10 @@ def test_a_search_records_its_trials_in_the_mlflow_layout_and_resumes_to_the_tot
     assert [t.number for t in resumed.trials] == [0, 1, 2, 3]
     assert [r.info.run_id for r in _runs(store, "study")] == [study_run.info.run_id]
     assert sorted(r.info.run_name for r in _runs(store, "trial")) == [
-        "trial-000", "trial-001", "trial-002", "trial-003"]
+        "trial-000 COMPLETE", "trial-001 COMPLETE", "trial-002 COMPLETE", "trial-003 COMPLETE"]
+    # MLflow's UI opens the study's experiment on its training runs, not on GenAI traces
+    experiment = client.get_experiment(study_run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
@@ -96,6 +101,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
     assert (failed.info.status, failed.data.tags["imgcls_hpo.state"],
             failed.data.tags["imgcls_hpo.fail_reason"]) == ("FAILED", "FAIL",
                                                             "diverged at epoch 1")
+    assert failed.info.run_name == "trial-000 FAILED"
     (study_run,) = _runs(store, "study")
     assert study_run.info.status == "FINISHED"
     assert study_run.data.metrics["trials_fail"] == sum(t.state == "FAIL" for t in result.trials)

@@ -42,7 +42,7 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
     assert tags["mlflow.parentRunId"] == ctx.study_run_id
     assert (tags["imgcls_hpo.role"], tags["imgcls_hpo.trial_number"],
             tags["imgcls_hpo.state"]) == ("trial", "0", "COMPLETE")
-    assert run.info.status == "FINISHED" and run.info.run_name == "trial-000"
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-000 COMPLETE"
     # sampled values under their flag names, then fixed values and settings
     assert (params["lr"], params["batch_size"], params["dropout"]) == ("0.05", "4", "0.1")
     assert (params["momentum"], params["arch"], params["max_epochs"]) == ("0.9", "simplecnn", "2")

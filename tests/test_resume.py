@@ -160,10 +160,12 @@ def test_ctrl_c_in_epoch_3_and_the_next_search_finishes_the_trial(
     run = _trial_run(store)
     assert (run.info.status, run.data.tags["imgcls_hpo.fail_reason"]) == ("KILLED",
                                                                           "interrupted")
+    assert run.info.run_name == "trial-000 INTERRUPTED"
     again, _ = _search(tmp_path, study_file, store)
     code, out = _finish(again)
     assert code == 0, out
     assert "trial   0 resumes after epoch 2" in out
+    assert _trial_run(store).info.run_name == "trial-000 COMPLETE"
     _assert_resumed_as_never_stopped(store, log, never_stopped)
 
 

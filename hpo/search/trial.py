@@ -274,7 +274,7 @@ class TrialRunner:
         if ctx.tracker is None:
             return
         if run_id is not None and ctx.tracker.find_run(run_id, ctx.experiment_id):
-            self.run = reopen_trial(ctx.tracker, run_id, self.placement)
+            self.run = reopen_trial(ctx.tracker, run_id, self.number, self.placement)
             self.logged = logged_epochs(ctx.tracker, run_id, ctx.spec.objective)
             return
         self.run = start_trial(ctx.tracker, ctx.experiment_id, ctx.study_run_id, ctx.spec.name,

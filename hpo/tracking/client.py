@@ -81,6 +81,10 @@ class _WholeCalls:
         return whole
 
 
+# MLflow 3's UI opens an experiment of this kind on its training runs, not on GenAI traces
+EXPERIMENT_KIND, TRAINING_RUNS = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """MLflow for one tracking URI. `artifact_root` is where new experiments keep their
     artifacts when tracking is local (a tracking server chooses for itself). Ctrl-C waits for
@@ -107,9 +111,13 @@ class Tracker:
                     f"the MLflow experiment {name!r} was deleted; restore it in the MLflow UI, "
                     "or remove it for good with `mlflow gc`, then run again"
                 )
+            if existing.tags.get(EXPERIMENT_KIND) != TRAINING_RUNS:  # made before the tag
+                self.client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND,
+                                               TRAINING_RUNS)
             return existing.experiment_id
         location = (self.artifact_root / name).as_uri() if self.artifact_root else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={EXPERIMENT_KIND: TRAINING_RUNS})
 
     def find_run(self, run_id: str | None, experiment_id: str) -> str | None:
         """`run_id` if it is a live run of that experiment in this store, else None."""

@@ -24,6 +24,7 @@ from hpo.config.trial import TrialOutcome, TrialState
 from hpo.tracking.models import log_model, tensor_signature
 from hpo.tracking.tags import (
     MODEL_NAME,
+    RUN_NAME,
     RUN_STATUS,
     TAG_FAIL_REASON,
     TAG_ROLE,
@@ -144,7 +145,7 @@ def start_trial(tracker: Tracker, experiment_id: str, study_run_id: str, study: 
     earlier = trial_runs(tracker, experiment_id, study_run_id, number=number) if again else []
     run = tracker.client.create_run(
         experiment_id,
-        run_name=f"trial-{number:03d}",
+        run_name=trial_run_name(number, TrialState.RUNNING),
         tags={
             **(tags or {}),
             "mlflow.parentRunId": study_run_id,
@@ -154,25 +155,33 @@ def start_trial(tracker: Tracker, experiment_id: str, study_run_id: str, study: 
             TAG_STATE: TrialState.RUNNING.stored,
         },
     )
-    trial = TrialRun(tracker, run.info.run_id)
+    trial = TrialRun(tracker, run.info.run_id, number)
     tracker.log_params(trial.run_id, params)
     for old in earlier:
         tracker.set_tags(old.info.run_id, {TAG_SUPERSEDED: trial.run_id})
     return trial
 
 
-def reopen_trial(tracker: Tracker, run_id: str, tags: Mapping[str, str] | None = None
-                 ) -> TrialRun:
+def trial_run_name(number: int, state: TrialState) -> str:
+    """A trial run's name, which says how the trial ended so that MLflow's runs table shows it
+    with no column added: "trial-007" while it runs, then "trial-007 PRUNED", "trial-007 FAILED"."""
+    name = f"trial-{number:03d}"
+    return name if state == TrialState.RUNNING else f"{name} {state.name}"
+
+
+def reopen_trial(tracker: Tracker, run_id: str, number: int,
+                 tags: Mapping[str, str] | None = None) -> TrialRun:
     """A trial's run opened again, to go on where the trial stopped: MLflow status RUNNING,
     state RUNNING, the reason it stopped (interrupted, worker lost) removed, `tags` (where it
     runs now) updated."""
     from mlflow.exceptions import MlflowException
 
-    tracker.client.update_run(run_id, status="RUNNING")
+    tracker.client.update_run(run_id, status="RUNNING",
+                              name=trial_run_name(number, TrialState.RUNNING))
     tracker.set_tags(run_id, {**(tags or {}), TAG_STATE: TrialState.RUNNING.stored})
     with contextlib.suppress(MlflowException):  # none was set
         tracker.client.delete_tag(run_id, TAG_FAIL_REASON)
-    return TrialRun(tracker, run_id)
+    return TrialRun(tracker, run_id, number)
 
 
 def logged_epochs(tracker: Tracker, run_id: str, metric: str) -> int:
@@ -181,11 +190,12 @@ def logged_epochs(tracker: Tracker, run_id: str, metric: str) -> int:
 
 
 class TrialRun:
-    """One trial's MLflow run."""
+    """One trial's MLflow run (of trial `number`)."""
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, number: int) -> None:
         self.tracker = tracker
         self.run_id = run_id
+        self.number = number
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.tracker.log_metrics(self.run_id, metrics, step)
@@ -202,7 +212,7 @@ class TrialRun:
     def finish(self, state: TrialState, reason: str | None = None) -> None:
         """Record how the trial ended and close the run with the matching MLflow status; an
         interrupted or lost trial gets its state's own reason."""
-        tags = {TAG_STATE: state.stored}
+        tags = {TAG_STATE: state.stored, RUN_NAME: trial_run_name(self.number, state)}
         reason = reason or state.reason
         if reason:
             tags[TAG_FAIL_REASON] = reason[:5000]
@@ -243,7 +253,7 @@ def close_open_runs(tracker: Tracker, experiment_id: str, study_run_id: str,
     for run in trial_runs(tracker, experiment_id, study_run_id, running=True):
         number = int(run.data.tags.get(TAG_TRIAL, -1))
         if numbers is None or number in numbers:
-            TrialRun(tracker, run.info.run_id).finish(state)
+            TrialRun(tracker, run.info.run_id, number).finish(state)
             closed.append(number)
     return closed
 

@@ -19,6 +19,7 @@ TAG_SUPERSEDED = "imgcls_hpo.superseded_by"
 TAG_EXPLOIT = "imgcls_hpo.exploit"
 # Per-epoch metrics of a PBT trial: the values of the hyperparameters PBT may change (pbt_lr...)
 PERTURBED_PREFIX = "pbt_"
+RUN_NAME = "mlflow.runName"  # what MLflow's runs table shows of a run: see runs.trial_run_name
 MODEL_NAME = "model"  # a COMPLETE trial's model in its run: its weights, and its pt2 model
 
 # How a trial's end shows in MLflow's own run status: a trial stopped from outside (Ctrl-C, a

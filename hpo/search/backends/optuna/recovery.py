@@ -140,7 +140,7 @@ def close_trial_runs(ctx: StudyContext, number: int, state: TrialState) -> None:
         return
     try:
         for run_id in open_trial_runs(ctx, number):
-            TrialRun(ctx.tracker, run_id).finish(state)
+            TrialRun(ctx.tracker, run_id, number).finish(state)
     except Exception as exc:  # the trial's own state is told; tracking is best effort here
         log.warning("could not close trial %d's MLflow run: %s", number, exc)
 
