@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -298,3 +299,43 @@ def test_help_answers_without_loading_the_heavy_libraries() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "LOADED"
+
+
+def test_a_study_file_that_is_not_utf8(tmp_path: Path) -> None:
+    study = tmp_path / "latin.yaml"
+    study.write_bytes("description: café\ndata: {source: digits}\n".encode("latin-1"))
+    _bad_input(["search", str(study), "--store", str(tmp_path / "s")], "not UTF-8 text")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_tracking_uri_of_an_unknown_scheme_names_the_known_ones_and_hides_its_password(
+        tmp_path: Path) -> None:
+    _bad_input(["search", "digits", "--store", str(tmp_path / "s"),
+                "--tracking-uri", "postgress://optuna:hunter2@db/mlflow"],
+               "tracking URI 'postgress://optuna:***@db/mlflow': unknown scheme 'postgress'; "
+               "give one of sqlite://, postgresql://")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_read_only_store_is_one_line_and_nothing_is_written(tmp_path: Path) -> None:
+    """A store on a read-only folder: as root (who may write anywhere) the folder is bound
+    read-only in a mount namespace of the command's own."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    command = [str(Path(sys.executable).parent / "imgcls-hpo"), "search", "digits",
+               "--store", str(folder / "store"), "--trials", "1"]
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("needs unshare to make a read-only folder as root")
+        mount = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"
+        command = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *command]
+    else:
+        folder.chmod(0o555)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if "unshare" in done.stderr or "mount" in done.stderr:
+        pytest.skip(f"no mount namespace here: {done.stderr.strip()}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: the store {folder / 'store'} cannot be written to ({folder} is read-only); "
+        "pass --store with a folder you can write to"]
+    assert list(folder.iterdir()) == []

@@ -157,11 +157,13 @@ def test_every_new_hyperparameter_reaches_training(study_file: Path, store: Stor
 
 
 def test_the_digits_study_runs_end_to_end(store: Store) -> None:
-    """The shipped default, as `make demo` runs it, cut to two one-epoch trials."""
-    spec = load_study("digits", {"trials": 2, "max_epochs": 1})
+    """The shipped default, as `make demo` runs it, cut to its two enqueued baselines, one
+    architecture each, for three epochs."""
+    spec = load_study("digits", {"trials": 2, "max_epochs": 3})
     result = run_search(spec, store)
-    assert len(result.trials) == 2 and result.best is not None
-    assert result.best.value > 0.25  # one epoch on digits is well above chance (0.1)
+    assert [t.params["arch"] for t in result.trials] == ["simplecnn", "resnet18"]
+    assert result.best is not None
+    assert result.best.value > 0.5  # three epochs on digits are well above chance (0.1)
     assert set(result.best.test) >= {"test_f1", "test_f1_ci_low", "test_f1_ci_high"}
     assert "test_sens" not in result.best.test  # ten classes: no binary-only metric
 

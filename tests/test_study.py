@@ -163,3 +163,32 @@ def test_the_pareto_front_keeps_the_trials_nothing_dominates(study_file: Path) -
     trials.append(TrialOutcome(5, TrialState.PRUNED, value=0.99, values=[0.99, 1.0]))
     # 2 is beaten by 0 on both; 4 by 1 on both; 0 and 3 tie (both kept); 1 is the cheapest
     assert [t.number for t in pareto_front(trials, spec)] == [0, 1, 3]
+
+
+def _study_with_baselines(tmp_path: Path) -> Path:
+    path = tmp_path / "baselines.yaml"
+    path.write_text("data: {source: digits}\n"
+                    "space: {arch: 'simplecnn,resnet18', lr: 0.01..0.1:log, batch_size: '32,64'}\n"
+                    "enqueue:\n"
+                    "  - {arch: simplecnn, lr: 0.05, batch_size: 64}\n"
+                    "  - {arch: resnet18, lr: 0.05}\n")
+    return path
+
+
+def test_the_command_line_narrowing_the_space_leaves_out_the_file_s_baselines_it_rules_out(
+        tmp_path: Path) -> None:
+    study = str(_study_with_baselines(tmp_path))
+    assert load_study(study).enqueue == ({"arch": "simplecnn", "lr": 0.05, "batch_size": 64},
+                                         {"arch": "resnet18", "lr": 0.05})
+    # --arch resnet18: the simplecnn baseline is out; the other keeps its lr, its arch is fixed
+    assert load_study(study, {"space.arch": "resnet18"}).enqueue == ({"lr": 0.05},)
+    # --lr 0.001..0.01: neither baseline's lr can be drawn any more
+    assert load_study(study, {"space.lr": "0.001..0.01"}).enqueue == ()
+    # a wider range keeps both
+    assert len(load_study(study, {"space.lr": "0.001..0.1"}).enqueue) == 2
+
+
+def test_configurations_enqueued_on_the_command_line_are_checked_as_given(tmp_path: Path) -> None:
+    study = str(_study_with_baselines(tmp_path))
+    with pytest.raises(StudyError, match="enqueue: arch is not searched in this study"):
+        load_study(study, {"space.arch": "resnet18", "enqueue": [{"arch": "simplecnn"}]})

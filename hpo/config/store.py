@@ -13,14 +13,28 @@ journal) move their part elsewhere; the cache stays under the store.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from imgcls.errors import ConfigError
 
 DEFAULT_STORE = "mlruns"
 STORE_ENV = "IMGCLS_HPO_STORE"
+# What MLflow tracks to: its databases (a driver may follow: postgresql+psycopg://), a server,
+# a folder (file://, or a plain path), Databricks
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file",
+                    "databricks")
+
+
+def mask_uri(uri: str) -> str:
+    """`uri` with its password, if it has one, shown as ***: postgresql://optuna:***@db/optuna."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,11 @@ class Store:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"the store {path} is a file, not a folder")
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{path}/mlflow.db"
+        scheme = urlparse(uri).scheme
+        if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ConfigError(f"tracking URI {mask_uri(uri)!r}: unknown scheme {scheme!r}; "
+                              f"give one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}"
+                              " (a database, or an MLflow server)")
         return cls(path, uri, storage)
 
     @property
@@ -61,8 +80,28 @@ class Store:
         (A tracking server decides that itself.)"""
         return urlparse(self.tracking_uri).scheme in ("sqlite", "file", "")
 
+    def check_writable(self) -> None:
+        """A store this process cannot write to (a read-only folder or file system), or make
+        (below such a folder), is a one-line error, raised before anything is written."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise self._unwritable("read-only" if folder == self.root else f"{folder} is "
+                                   "read-only")
+
     def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """The store's folder, made if need be."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise self._unwritable(exc.strerror or str(exc)) from None
+
+    def _unwritable(self, why: str) -> ConfigError:
+        return ConfigError(f"the store {self.root} cannot be written to ({why}); pass --store "
+                           "with a folder you can write to")
 
     def describe_storage(self) -> str:
         return self.optuna_storage or f"journal file {self.journal_path}"

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -135,8 +136,23 @@ class StudySpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _enqueued_configurations_fit(self) -> StudySpec:
-        """An enqueued configuration sets searched hyperparameters to values they may take."""
+    def _enqueued_configurations_fit(self, info: ValidationInfo) -> StudySpec:
+        """An enqueued configuration sets searched hyperparameters to values they may take.
+
+        The study file's configurations give way to the command line (context `narrowed`: the
+        hyperparameters it set): one that sets such a hyperparameter to a value the new space
+        cannot take is left out, and a value the command line fixed it to is dropped from it."""
+        narrowed = (info.context or {}).get("narrowed", set())
+        kept = []
+        for config in self.enqueue:
+            clash = [n for n in config if n in narrowed and not
+                     (n in self.space and self.space.contains(n, config[n]))]
+            if not clash:
+                searched = {p.name for p in self.space.searched}
+                kept.append({n: v for n, v in config.items()
+                             if n not in narrowed or n in searched})
+        if narrowed:
+            self.enqueue = tuple(c for c in kept if c)
         for config in self.enqueue:
             for name, value in config.items():
                 HParams.check_value(name, value)
@@ -211,9 +227,13 @@ def load_study(name_or_path: str, overrides: Mapping[str, Any] | None = None) ->
     """Read a study and apply overrides: {"trials": 5, "data.path": "...", "space.lr": "..."}."""
     path = find_study(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise StudyError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise StudyError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise StudyError(f"{path}: cannot be read ({exc.strerror})") from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: a study file must be a mapping of settings")
     raw.setdefault("name", path.stem)
@@ -230,8 +250,12 @@ def load_study(name_or_path: str, overrides: Mapping[str, Any] | None = None) ->
             target[field] = value
         else:
             raw[key] = value
+    narrowed = {key.partition(".")[2] for key, value in (overrides or {}).items()
+                if key.startswith("space.") and value is not None}
+    if "enqueue" in (overrides or {}) and overrides["enqueue"] is not None:  # type: ignore[index]
+        narrowed = set()  # the command line's own configurations: checked as they are
     try:
-        return StudySpec.model_validate(raw)
+        return StudySpec.model_validate(raw, context={"narrowed": narrowed})
     except ValidationError as exc:
         raise StudyError(f"study {raw['name']!r}: {first_error(exc)}") from None
     except ConfigError as exc:  # raised by a validator that names its own field

@@ -48,6 +48,7 @@ def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None
                    ) -> tuple[Backend, torch.device, PreparedData]:
     """What a search needs before its first trial, every check done first: the backend, the
     device a trial trains on if it trains in this process, the data, and the store."""
+    store.check_writable()
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
     device = torch.device("cpu")
