@@ -296,6 +296,13 @@ def test_the_pyfunc_takes_paths_bytes_and_base64(tracker: Tracker, record: Study
     for values in ([str(ants), bees], pd.Series(raw)):
         out = python_model.predict(None, values)
         np.testing.assert_allclose(out[["p_ants", "p_bees"]].to_numpy(), expected, rtol=1e-5)
+    # what is no image is the request's fault: an MlflowException the server answers with 400
+    from mlflow.exceptions import MlflowException
+
+    for bad in ([base64.b64encode(b"not an image").decode()], ["bm90IGFuIGltYWdl!"]):
+        with pytest.raises(MlflowException, match="image 0") as refused:
+            model.predict(pd.DataFrame({"image": bad}))
+        assert refused.value.get_http_status_code() == 400
 
 
 def test_image_inputs_refuse_what_is_no_image(tmp_path: Path) -> None:

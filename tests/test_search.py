@@ -109,11 +109,19 @@ def test_the_optuna_study_can_live_outside_the_store(study_file: Path, store: St
 
 def test_unusable_images_stop_the_search_or_are_left_out_and_listed(
         study_file: Path, store: Store, image_folder: Path, tmp_path: Path) -> None:
-    (image_folder / "ants" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=r"1 of 21 files are not usable images: "
-                                        r"ants/broken.jpg .*--skip-bad-images"):
+    for name in ("broken.jpg", "empty.png", "text.jpg", "zero.jpg"):
+        (image_folder / "ants" / name).write_bytes(b"not a jpeg" if name != "empty.png" else b"")
+    with pytest.raises(DataError, match=r"4 of 24 files are not usable images: "
+                                        r"ants/broken.jpg .*; and 1 more \(all listed in "
+                                        r".*unusable_images.txt\).*--skip-bad-images"):
         run_search(load_study(str(study_file)), store)
     assert not list(store.root.glob("*.journal"))  # bad input: no study was started
+    # the message shows three; the file in the store lists every one, with its reason
+    listed = (store.cache_dir / "unusable_images.txt").read_text().splitlines()
+    assert [line.split(" (")[0] for line in listed] == [
+        "ants/broken.jpg", "ants/empty.png", "ants/text.jpg", "ants/zero.jpg"]
+    for name in ("empty.png", "text.jpg", "zero.jpg"):
+        (image_folder / "ants" / name).unlink()
 
     spec = load_study(str(study_file), {"trials": 1, "data.skip_bad_images": True})
     result = run_search(spec, store)

@@ -88,8 +88,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if self.predictor is None:
             raise RuntimeError("ImageClassifier.predict before load_context: load it with "
                                "mlflow.pyfunc.load_model")
-        images = image_inputs(model_input)
-        return prediction_frame(self.predictor.probabilities(images), self.predictor.classes)
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            probabilities = self.predictor.probabilities(image_inputs(model_input))
+        except DataError as exc:  # the request's fault: served as a 400 naming the input
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return prediction_frame(probabilities, self.predictor.classes)
 
 
 def load_predictor(artifacts: Mapping[str, str]) -> Predictor:

@@ -71,8 +71,10 @@ def prepare_data(config: DataConfig, seed: int, cache_dir: Path | None = None,
     if decoded.bad:
         notes = decoded.notes(catalog)
         if not config.skip_bad_images:
+            where = _write_unusable(cache_dir, notes)
             raise DataError(
-                f"{len(notes)} of {len(catalog)} files are not usable images: {listing(notes)}. "
+                f"{len(notes)} of {len(catalog)} files are not usable images: {listing(notes)}"
+                f"{f' (all listed in {where})' if where else ''}. "
                 "Pass --skip-bad-images to leave them out"
             )
         keep = np.setdiff1d(np.arange(len(catalog)), np.fromiter(decoded.bad, dtype=np.int64))
@@ -90,3 +92,20 @@ def prepare_data(config: DataConfig, seed: int, cache_dir: Path | None = None,
     else:
         mean, std = channel_stats(images[torch.from_numpy(split.indices("train"))])
     return PreparedData(config, catalog, split, images, labels, tuple(mean), tuple(std), skipped)
+
+
+UNUSABLE_LIST = "unusable_images.txt"
+
+
+def _write_unusable(cache_dir: Path | None, notes: list[str]) -> Path | None:
+    """The whole list of unusable files, one "file (reason)" a line, beside the cache (the
+    message can name only a few); None without a cache or when it cannot be written."""
+    if cache_dir is None:
+        return None
+    path = cache_dir / UNUSABLE_LIST
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{note}\n" for note in notes))
+    except OSError:
+        return None
+    return path
