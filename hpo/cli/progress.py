@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -12,9 +13,10 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -44,6 +46,39 @@ def format_params(params: Mapping[str, Scalar], names: list[str] | None = None) 
     return ", ".join(f"{k}={format_value(params[k])}" for k in keys if k in params)
 
 
+# Where nothing is live (a log file, a batch job): a line for an epoch at most this often
+LOG_EVERY_S = 10.0
+
+
+class TrialsEta(ProgressColumn):
+    """Time left: the trials still to finish at the pace of those finished in this run, less
+    what the running trials have done already; it counts down between trials (rich's own
+    estimate stands still until the next one ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.monotonic()
+        self.finished = 0  # trials finished in this run
+        self.last_finish = self.started
+
+    def trial_finished(self) -> None:
+        self.finished += 1
+        self.last_finish = time.monotonic()
+
+    def render(self, task: Task) -> Text:
+        left = (task.total or 0) - task.completed
+        if left <= 0:
+            return Text("eta 0:00:00", style="progress.remaining")
+        if not self.finished:
+            return Text("eta -:--:--", style="progress.remaining")
+        now = time.monotonic()
+        pace = (self.last_finish - self.started) / self.finished
+        seconds = max(0.0, pace * left - (now - self.last_finish))
+        minutes, secs = divmod(int(seconds + 0.5), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"eta {hours}:{minutes:02d}:{secs:02d}", style="progress.remaining")
+
+
 class SearchProgress:
     """Live view of a search: trials finished / pruned / failed of N with a time estimate, the
     best value so far and its parameters, and the running trial's epoch. Each finished trial
@@ -52,9 +87,11 @@ class SearchProgress:
     def __init__(self, console: Console, store: Store) -> None:
         self.console = console
         self.store = store
+        self.eta = TrialsEta()
         self.trials = Progress(TextColumn("{task.description}"), BarColumn(),
-                               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                               TimeRemainingColumn(), console=console)
+                               MofNCompleteColumn(), TimeElapsedColumn(), self.eta,
+                               console=console)
+        self._last_line = 0.0  # when the last epoch line was printed (no live view)
         self.epochs = Progress(TextColumn("{task.description}"), BarColumn(),
                                MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
                                console=console)
@@ -143,11 +180,19 @@ class SearchProgress:
         objective = self.spec.objective
         last = f"{objective} {metrics[objective]:.4f}  train_loss {metrics['train_loss']:.4f}"
         self.epochs.update(self._epoch_task, completed=epoch, last=last)
+        now = time.monotonic()
+        if not self.console.is_terminal and now - self._last_line >= LOG_EVERY_S:
+            self._last_line = now  # a log shows life during long trials
+            self.console.print(f"trial {number:>3} epoch {epoch}/{self.spec.max_epochs}  {last}",
+                               soft_wrap=True)
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
         assert self.spec is not None and self.finished is not None
         self.finished.add(outcome)
-        self.trials.update(self._trial_task, advance=1, description=self._summary())
+        if outcome.state.counts:
+            self.eta.trial_finished()
+        self.trials.update(self._trial_task, advance=1 if outcome.state.counts else 0,
+                           description=self._summary())
         self._update_best()
         style = STATE_STYLE.get(outcome.state, "")
         value = f"{self.spec.objective} {outcome.value:.4f}" if outcome.value is not None else ""
