@@ -71,6 +71,56 @@ def test_a_changed_file_rebuilds_the_cache_with_its_new_pixels(tmp_path: Path) -
     assert torch.equal(before.images[others], after.images[others])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "emptied", "zeroed in place"])
+def test_a_damaged_cache_is_decoded_again_with_one_warning(
+        damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_image_folder(tmp_path / "d", per_class=5)
+    source = Counting(root)
+    catalog = source.scan()
+    good = np.asarray(load_images(source, catalog, 16, 3, tmp_path / "cache").images).copy()
+    (cache,) = (tmp_path / "cache").glob("*.npy")
+    data = cache.read_bytes()
+    if damage == "truncated":
+        cache.write_bytes(data[: len(data) // 2])
+    elif damage == "emptied":
+        cache.write_bytes(b"")
+    else:  # the same size, the pixels gone: only the checksum can tell
+        header = len(data) - good.size
+        cache.write_bytes(data[:header] + bytes(good.size))
+    Counting.loads = 0
+    with caplog.at_level("WARNING", logger="imgcls.data.cache"):
+        again = load_images(source, catalog, 16, 3, tmp_path / "cache")
+    assert Counting.loads == len(catalog)  # decoded again
+    assert np.array_equal(np.asarray(again.images), good)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert str(cache) in warning and "decoding the images again" in warning
+    Counting.loads = 0  # and the rebuilt cache is trusted again, silently
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imgcls.data.cache"):
+        load_images(source, catalog, 16, 3, tmp_path / "cache")
+    assert Counting.loads == 0 and not caplog.records
+
+
+def test_the_temporary_files_of_a_dead_writer_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    left = [cache / f"folder-abc-16px-3ch.tmp{pid}.npy", cache / f"folder-abc.tmp{pid}.json"]
+    for path in left:
+        path.write_bytes(b"x" * 100)
+    alive = cache / f"folder-abc-16px-3ch.tmp{os.getppid()}.npy"  # a writer still running
+    alive.write_bytes(b"x")
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    source = FolderSource(root)
+    load_images(source, source.scan(), 16, 3, cache)
+    assert not any(path.exists() for path in left) and alive.exists()
+
+
 def _batches(resident: bool, train: bool = True, batch_size: int = 5) -> Batches:
     images = torch.randint(0, 256, (23, 3, 8, 8), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))

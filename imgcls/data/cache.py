@@ -5,12 +5,19 @@ a key over the catalog's fingerprint, the image settings and the placeholder che
 memory-mapped on later runs; a JSON sidecar next to it lists the images that were not usable and
 why, so that a later run neither decodes them again nor forgets them. A change to the data or to
 the settings gives a new name, so a stale cache is never read.
+
+A cache file is checked before it is used. The sidecar records its size, modification time and
+a BLAKE2b digest of its bytes, computed once when it is written; a file of another size, or one
+modified since whose digest no longer matches (pixels overwritten in place), or one that cannot
+be read, is decoded again, with one warning saying why. Temporary files left by a writer that
+died (a search killed during its first decode) are removed by the next one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +33,8 @@ from imgcls.errors import DataError, first_line
 # Bump when the decoding below or the cache layout changes, so that caches written by older code
 # are not reused. 2: every image mode, alpha onto black, placeholder checks, the bad-image sidecar.
 CACHE_FORMAT = 2
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
@@ -147,11 +156,14 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
             f"{catalog.source}-{cache_key(catalog, image_size, channels, min_side)}"
             f"-{image_size}px-{channels}ch.npy"
         )
-        cached = _read_cache(path, catalog, shape)
+        _remove_dead_writers(path.parent)
+        cached, why_not = _read_cache(path, catalog, shape)
         if cached is not None:
             if progress:
                 progress(len(catalog), len(catalog))
             return cached
+        if why_not:
+            log.warning("the image cache %s %s: decoding the images again", path, why_not)
         path.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy") if path else None
@@ -181,7 +193,7 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
             return Decoded(out, bad)
         out.flush()
         del out
-        _write_sidecar(path, catalog, bad)
+        _write_sidecar(path, catalog, bad, _file_check(tmp))
         os.replace(tmp, path)  # atomic: a reader sees the old cache or the whole new one
         return Decoded(np.load(path, mmap_mode="c"), bad)
     finally:
@@ -193,10 +205,51 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _write_sidecar(path: Path, catalog: Catalog, bad: dict[int, str]) -> None:
-    """The bad images of a cache entry, by id, written before the .npy so that a reader that
-    finds the .npy finds its sidecar too."""
-    meta = {"format": CACHE_FORMAT, "images": len(catalog),
+def _digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_check(path: Path) -> dict[str, int | str]:
+    """What the sidecar keeps to check the cache file: size, mtime and digest."""
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": _digest(path)}
+
+
+def _verify(path: Path, check: dict[str, int | str]) -> str | None:
+    """Why the cache file at `path` is not the one its sidecar describes; None when it is.
+    Cheap when the file is untouched (a stat); a modified one is hashed again."""
+    stat, written = path.stat(), check.get("bytes")
+    if stat.st_size != written:
+        return f"has {stat.st_size:,} bytes, not the {written:,} written" \
+            if isinstance(written, int) else "has no size recorded"
+    if stat.st_mtime_ns != check.get("mtime_ns") and _digest(path) != check.get("blake2b"):
+        return "was changed since it was written (its checksum differs)"
+    return None
+
+
+def _remove_dead_writers(folder: Path) -> None:
+    """Temporary cache files (`*.tmp<pid>.npy` / `.json`) whose writer on this machine is gone."""
+    for tmp in [*folder.glob("*.tmp*.npy"), *folder.glob("*.tmp*.json")]:
+        pid = tmp.suffixes[-2].removeprefix(".tmp") if len(tmp.suffixes) >= 2 else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def _write_sidecar(path: Path, catalog: Catalog, bad: dict[int, str],
+                   check: dict[str, int | str]) -> None:
+    """The bad images of a cache entry, by id, and the `check` of its .npy, written before the
+    .npy so that a reader that finds the .npy finds its sidecar too."""
+    meta = {"format": CACHE_FORMAT, "images": len(catalog), "file": check,
             "bad": {catalog.ids[i]: reason for i, reason in sorted(bad.items())}}
     tmp = _sidecar(path).with_suffix(f".tmp{os.getpid()}.json")
     try:
@@ -207,17 +260,24 @@ def _write_sidecar(path: Path, catalog: Catalog, bad: dict[int, str]) -> None:
             tmp.unlink()
 
 
-def _read_cache(path: Path, catalog: Catalog, shape: tuple[int, ...]) -> Decoded | None:
-    """The cache entry at `path` when it is complete and matches, else None (decode again)."""
+def _read_cache(path: Path, catalog: Catalog, shape: tuple[int, ...]
+                ) -> tuple[Decoded | None, str | None]:
+    """The cache entry at `path` when it is whole and matches, else None (decode again) and,
+    for a file that is there but fails its check, why."""
     if not (path.exists() and _sidecar(path).exists()):
-        return None
+        return None, None
     try:
         meta = json.loads(_sidecar(path).read_text())
+        if not isinstance(meta.get("file"), dict):
+            return None, "has no checksum (written by an older version)"
+        why = _verify(path, meta["file"])
+        if why:
+            return None, why
         images = np.load(path, mmap_mode="c")
         index = {item: i for i, item in enumerate(catalog.ids)}
         bad = {index[item]: str(reason) for item, reason in meta["bad"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # unreadable or foreign: decoding again rewrites it
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"cannot be read ({first_line(exc)})"
     if images.shape != shape or images.dtype != np.uint8 or meta.get("images") != len(catalog):
-        return None
-    return Decoded(images, bad)
+        return None, f"holds images of shape {images.shape}, not {shape}"
+    return Decoded(images, bad), None
