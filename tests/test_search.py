@@ -260,3 +260,34 @@ def test_auto_checkpoints_keep_their_writing_under_a_hundredth_of_the_training()
     # every N epochs, whatever a write costs; 0: never
     assert [e for e in range(1, 8) if CheckpointPolicy(3, speed).due(e, 0.0, e == 7, 1)] == [3, 6]
     assert not any(CheckpointPolicy(0, WriteSpeed()).due(e, 9e9, False, 1) for e in range(1, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh store", "existing store"])
+def test_searches_started_together_share_one_database_and_one_study_run(
+        existing: bool, study_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store = tmp_path / "together"
+    script = str(Path(sys.executable).parent / "imgcls-hpo")
+    if existing:  # another study made the store and its database before
+        other = tmp_path / "other.yaml"
+        other.write_text(study_file.read_text().replace("trials: 2", "trials: 1"))
+        subprocess.run([script, "search", str(other), "--store", str(store), "--max-epochs",
+                        "1"], capture_output=True, check=True, timeout=300)
+    command = [script, "search", str(study_file), "--store", str(store), "--trials", "4",
+               "--max-epochs", "1"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    study_runs = _runs(Store.resolve(store), "tiny", "study")
+    assert len(study_runs) == 1  # both processes recorded into the same study run
+    trials = _runs(Store.resolve(store), "tiny", "trial")
+    assert sorted(int(r.data.tags["imgcls_hpo.trial_number"]) for r in trials) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {study_runs[0].info.run_id}

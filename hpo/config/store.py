@@ -6,14 +6,18 @@ By default one folder (`--store`, default ./mlruns) holds all of it:
     optuna.journal   Optuna's study storage (every study of the store)
     cache/           decoded images, shared by every trial of every study on the same data
     checkpoints/     each running trial's last checkpoint, removed when the trial ends
+    store.lock       held while a search sets itself up (one database, one study run)
 `--tracking-uri` (an MLflow server, or another database) and `--storage` (an Optuna RDB or
 journal) move their part elsewhere; the cache stays under the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
@@ -89,6 +93,19 @@ class Store:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise self._unwritable("read-only" if folder == self.root else f"{folder} is "
                                    "read-only")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The store's lock (`<store>/store.lock`), held by a search while it sets itself up, so
+        that however many processes of this machine start at once, MLflow's database is created
+        and migrated once, and a study gets one experiment and one study run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "store.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def create(self) -> None:
         """The store's folder, made if need be."""

@@ -66,12 +66,14 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
                data_progress: Progress | None = None) -> SearchResult:
     observer = observer or NullObserver()
     backend, device, data = prepare_search(spec, store, data_progress)
-    tracker = Tracker(store.tracking_uri, store.artifact_root if store.tracking_is_local else None)
-    study = backend.open(spec, store)
-    experiment_id = tracker.experiment(spec.name)
-    run_id, changed = open_study_run(tracker, experiment_id, spec.name,
-                                     study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data))
-    study.set_attr(STUDY_RUN_ATTR, run_id)
+    with store.locked():  # processes started together: one database, one study run
+        tracker = Tracker(store.tracking_uri,
+                          store.artifact_root if store.tracking_is_local else None)
+        study = backend.open(spec, store)
+        experiment_id = tracker.experiment(spec.name)
+        run_id, changed = open_study_run(tracker, experiment_id, spec.name,
+                                         study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data))
+        study.set_attr(STUDY_RUN_ATTR, run_id)
     tracker.set_tags(run_id, {"imgcls_hpo.trials_target": spec.trials,
                               "imgcls_hpo.backend": backend.name,
                               "imgcls_hpo.storage": store.describe_storage()})
