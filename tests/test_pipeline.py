@@ -247,3 +247,18 @@ def test_the_device_cache_budget_is_a_share_of_the_gpu() -> None:
     assert fits_on_device(total // 4, device, budget=0.25)
     assert not fits_on_device(total // 4 + 1, device, budget=0.25)
     assert not fits_on_device(1, device, budget=0.0)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_its_pixels_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgcls.data.cache as cache
+
+    root = make_image_folder(tmp_path / "d", per_class=3, size=16)
+    Image.new("RGB", (64, 48), "white").save(root / "ants" / "huge.png")
+    monkeypatch.setattr(cache, "MAX_PIXELS", 64 * 48 - 1)  # 16x16 images pass, 64x48 does not
+    source = FolderSource(root)
+    catalog = source.scan()
+    decoded = load_images(source, catalog, 16, 3, tmp_path / "cache")
+    assert {catalog.ids[i]: reason for i, reason in decoded.bad.items()} == {
+        "ants/huge.png": "64x48 pixels, over the 3,071 an image may have (a decompression "
+                         "bomb, or a scan to tile first)"}

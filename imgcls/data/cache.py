@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 # "not found" graphic, an icon): a photo's noise alone gives it thousands of colours.
 UNIFORM_STD = 2.0  # luminance standard deviation, on 0..255, below which an image is flat
 MAX_PLACEHOLDER_COLOURS = 64
+# An image with more pixels is refused before its pixels are read: a decompression bomb, or a
+# whole-slide scan that needs tiling first. PIL's own threshold, where it only warns.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# ... so PIL's warning at opening one says nothing the refusal does not
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
@@ -63,6 +69,9 @@ def decode(image: Image.Image, image_size: int, channels: int,
     lesser evil for classification.
     """
     stored_size = image.size
+    if stored_size[0] * stored_size[1] > MAX_PIXELS:
+        raise DataError(f"{stored_size[0]}x{stored_size[1]} pixels, over the {MAX_PIXELS:,} "
+                        "an image may have (a decompression bomb, or a scan to tile first)")
     if image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, and YCbCr straight to luminance. Only that
         # mode change is asked for: a CMYK or grayscale JPEG keeps its mode and only scales.
