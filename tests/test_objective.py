@@ -14,6 +14,7 @@ from hpo.config.study import load_study
 from hpo.search.context import StudyContext
 from hpo.search.trial import run_trial
 from hpo.tracking.client import Tracker, fluent_tracking_uri
+from hpo.tracking.models import load_weights
 from hpo.tracking.runs import open_study_run
 from imgcls.data import prepare_data
 from imgcls.errors import ConfigError
@@ -111,6 +112,12 @@ def test_log_models_all_also_exports_each_complete_trial_as_an_mlflow_model(
     assert model(torch.zeros(3, 3, 16, 16)).shape == (3, 2)
     assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
     assert _run(ctx, outcome.run_id).info.status == "FINISHED"
+    # its weights, read from the torch.export file (no pickle), are the module's own
+    weights = load_weights(ctx.tracker, f"runs:/{outcome.run_id}/model")  # type: ignore[arg-type]
+    expected = model.state_dict()
+    assert weights and set(weights) == set(expected)
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_a_pruned_trial_keeps_its_metrics_but_logs_no_model(ctx: StudyContext) -> None:

@@ -23,6 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hpo.after.models import DEFAULT_ALIAS, resolve_model
 from hpo.after.promote import PREVIOUS_ALIAS, choose_trial, promote, version_tags
@@ -270,6 +271,76 @@ def test_unknown_references_say_what_was_looked_for(tracker: Tracker,
         resolve_model(tracker, f"runs:/{run_id}/weights")
     with pytest.raises(ConfigError, match="model reference 's3://b/m' is none of models:/"):
         resolve_model(tracker, "s3://b/m")
+
+
+class _Payload(mlflow.pyfunc.PythonModel):
+    """A pyfunc whose loading runs code: it writes a file when its context is loaded."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def load_context(self, context: object) -> None:
+        Path(self.marker).write_text("ran")
+
+    def predict(self, context, model_input):  # type: ignore[no-untyped-def]  # MLflow reads hints
+        return model_input
+
+
+class _PickledPayload(torch.nn.Linear):
+    """A module whose pickle, once loaded, opens (creates) a file."""
+
+    marker = ""
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, tuple[str, str]]:
+        return open, (self.marker, "w")
+
+
+def _register(tracker: Tracker, name: str, log: object) -> str:
+    """Log a model with `log(name=...)` in a run of its own, register it, alias champion."""
+    with fluent_tracking_uri(tracker.uri):
+        with mlflow.start_run():
+            info = log(name="m")  # type: ignore[operator]
+        version = mlflow.register_model(info.model_uri, name)
+    tracker.client.set_registered_model_alias(name, DEFAULT_ALIAS, version.version)
+    return f"models:/{name}@{DEFAULT_ALIAS}"
+
+
+def test_a_model_that_is_not_ours_is_refused_before_any_of_its_code_runs(
+        tracker: Tracker, record: StudyRecord, tmp_path: Path) -> None:
+    metadata = {"imgcls": {"classes": ["ants", "bees"], "image_size": 16, "channels": 3,
+                           "arch": "simplecnn", "mean": [0.5] * 3, "std": [0.25] * 3,
+                           "normalize": "train"}}  # copied from a real one
+    marker = tmp_path / "payload-ran"
+    cloudpickled = _register(tracker, "payload", lambda name: mlflow.pyfunc.log_model(
+        name=name, python_model=_Payload(str(marker)), metadata=metadata))
+    marker.unlink(missing_ok=True)  # MLflow loads a model as it logs it
+    with pytest.raises(ConfigError, match="is not an image classifier promoted by imgcls-hpo"):
+        resolve_model(tracker, cloudpickled)
+    assert not marker.exists()
+
+    module = _PickledPayload(2, 2)
+    _PickledPayload.marker = str(tmp_path / "pickle-ran")
+    pickled = _register(tracker, "pickled", lambda name: mlflow.pytorch.log_model(
+        module, name=name, serialization_format="pickle", metadata=metadata))
+    (tmp_path / "pickle-ran").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="saved as a pickle, which could run code"):
+        resolve_model(tracker, pickled)
+    assert not (tmp_path / "pickle-ran").exists()
+
+
+def test_code_added_to_a_promoted_model_never_runs_when_it_predicts(
+        tracker: Tracker, record: StudyRecord, searched: Searched, tmp_path: Path) -> None:
+    promotion = promote(tracker, record)
+    with fluent_tracking_uri(tracker.uri):
+        location = mlflow.models.get_model_info(promotion.uri).artifact_path
+    folder = Path(location.removeprefix("file://"))
+    (code,) = [p for p in folder.parent.rglob("*.py") if "set_model" in p.read_text()]
+    marker = tmp_path / "appended-ran"
+    with code.open("a") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    _, predictor = resolve_model(tracker, promotion.uri)
+    assert predictor.probabilities([_file(searched, "ants")]).shape == (1, 2)
+    assert not marker.exists()
 
 
 def test_the_pyfunc_takes_paths_bytes_and_base64(tracker: Tracker, record: StudyRecord,

@@ -7,17 +7,21 @@ its metadata), runs:/RUN_ID/classifier, or a study name (its `<study>-classifier
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hpo.tracking import registry
 from hpo.tracking.models import (
     WEIGHTS_DIR,
     has_weights,
-    load_python_model,
+    load_file,
     load_run_weights,
     load_weights,
     model_info,
 )
+from hpo.tracking.tags import CLASSIFIER_PREPROCESSING, CLASSIFIER_WEIGHTS
 from imgcls.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from imgcls.predict import Predictor, Preprocessing
 
 DEFAULT_ALIAS = "champion"
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of models from code
 MODEL_REFERENCES = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
                     "runs:/RUN_ID/classifier, or a study name")
 
@@ -49,7 +54,7 @@ def model_uri(ref: str) -> str:
 def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
     """The model `ref` names, as its URI and a Predictor. An unknown reference raises
     ConfigError naming what was looked for."""
-    from hpo.after.serving import ImageClassifier
+    from hpo.after.serving import load_predictor
     from imgcls.predict import Predictor, Preprocessing
 
     uri = model_uri(ref)
@@ -60,15 +65,31 @@ def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
     study = None if "/" in ref else ref
     hint = f"; promote a trial first: `imgcls-hpo promote {study}`" if study else ""
     registry.check_reference(tracker, uri, hint, MODEL_REFERENCES)
-    flavors, _ = model_info(tracker, uri)
+    # What the model is, from its MLmodel file alone: nothing of it is loaded, and none of its
+    # code run, before it is known to be one of ours; then only its tensors are read.
+    flavors, metadata = model_info(tracker, uri)
     if "pytorch" in flavors:  # a trial's own model: rebuild it from its weights and metadata
         state_dict, preprocessing = trial_weights(tracker, uri)
         return uri, Predictor.from_state_dict(state_dict, preprocessing)
-    python_model = load_python_model(tracker, uri)  # its load_context builds its Predictor
-    if not isinstance(python_model, ImageClassifier) or python_model.predictor is None:
+    if not is_classifier(flavors, metadata):
         raise ConfigError(f"{uri} is not an image classifier promoted by imgcls-hpo (flavors: "
-                          f"{', '.join(flavors)}); give {MODEL_REFERENCES}")
-    return uri, python_model.predictor
+                          f"{', '.join(flavors)}); it was not loaded. Give {MODEL_REFERENCES}")
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = flavors["python_function"]["artifacts"]
+        files = {key: str(load_file(tracker, uri, artifacts[key]["path"], Path(tmp)))
+                 for key in (CLASSIFIER_WEIGHTS, CLASSIFIER_PREPROCESSING)}
+        return uri, load_predictor(files)  # torch.load(weights_only=True): tensors only
+
+
+def is_classifier(flavors: Mapping[str, Any], metadata: Mapping[str, Any]) -> bool:
+    """Whether an MLmodel describes an ImageClassifier as `promote` logs it: a pyfunc loaded
+    from its code file, with the weights and preprocessing artifacts and the imgcls metadata."""
+    pyfunc = flavors.get("python_function") or {}
+    artifacts = pyfunc.get("artifacts") or {}
+    return (set(flavors) == {"python_function"} and "imgcls" in metadata
+            and pyfunc.get("loader_module") == CODE_MODEL_LOADER
+            and all(isinstance(artifacts.get(key), dict) and "path" in artifacts[key]
+                    for key in (CLASSIFIER_WEIGHTS, CLASSIFIER_PREPROCESSING)))
 
 
 def _trial_weights_run(tracker: Tracker, uri: str) -> str | None:

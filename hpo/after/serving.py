@@ -41,6 +41,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from hpo.tracking.models import log_model
+from hpo.tracking.tags import CLASSIFIER_PREPROCESSING, CLASSIFIER_WEIGHTS
 from imgcls.errors import DataError
 from imgcls.predict import ImageInput, Predictor, Preprocessing
 
@@ -49,8 +50,7 @@ if TYPE_CHECKING:
 
 CLASSIFIER = "classifier"  # the pyfunc's name in a trial's run (the pt2 model is `model`)
 IMAGE_COLUMN = "image"
-WEIGHTS = "weights"  # artifact keys, and their file names below
-PREPROCESSING = "preprocessing"
+WEIGHTS, PREPROCESSING = CLASSIFIER_WEIGHTS, CLASSIFIER_PREPROCESSING  # artifact keys
 _FILES = {WEIGHTS: "weights.pt", PREPROCESSING: "preprocessing.json"}
 
 # Base64 text: the alphabet, line breaks, up to two '=' of padding. An encoded image never matches

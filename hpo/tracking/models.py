@@ -5,6 +5,7 @@ its python model."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.tracking.client import fluent_tracking_uri
@@ -66,9 +67,10 @@ def tensor_signature(input_example: np.ndarray, num_classes: int) -> ModelSignat
                           Schema([TensorSpec(dtype, (-1, num_classes))]))
 
 
-def model_info(tracker: Tracker, uri: str) -> tuple[list[str], dict[str, Any]]:
-    """The flavors and the metadata of the logged model `uri`; ConfigError when there is none
-    to read (an unreadable MLmodel, a missing artifact)."""
+def model_info(tracker: Tracker, uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The flavors (by name, with their configuration) and the metadata of the logged model
+    `uri`, read from its MLmodel file alone (nothing of the model is loaded or run);
+    ConfigError when there is none to read (an unreadable MLmodel, a missing artifact)."""
     import mlflow
 
     with fluent_tracking_uri(tracker.uri):
@@ -77,30 +79,44 @@ def model_info(tracker: Tracker, uri: str) -> tuple[list[str], dict[str, Any]]:
         except Exception as exc:
             raise ConfigError(f"cannot load the model {uri} from the tracking store "
                               f"{tracker.uri} ({first_line(exc)})") from None
-    return list(info.flavors), dict(info.metadata or {})
+    return dict(info.flavors), dict(info.metadata or {})
 
 
 def load_weights(tracker: Tracker, uri: str) -> dict[str, torch.Tensor]:
-    """The state dict of the pytorch-flavored model `uri` (a trial's pt2 model)."""
+    """The state dict of the pytorch-flavored model `uri` (a trial's pt2 model), read from its
+    torch.export file, which holds no pickle; a model saved any other way (MLflow's pickle
+    format, whose loading can run code) raises ConfigError before anything of it is read."""
+    import tempfile
+
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp, fluent_tracking_uri(tracker.uri):
+        folder = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{_location(uri)}/data", dst_path=tmp))
+        exported = sorted(folder.rglob("*.pt2"))
+        if not exported:
+            raise ConfigError(f"{uri} is a pytorch model saved as a pickle, which could run code "
+                              "when loaded: refused; give a model promoted by imgcls-hpo")
+        program = torch.export.load(exported[0])
+    return {k: v.detach().clone() for k, v in program.state_dict.items()}
+
+
+def load_file(tracker: Tracker, uri: str, path: str, folder: Path) -> Path:
+    """One file of the logged model `uri` (its relative `path`), downloaded into `folder`."""
     import mlflow
 
     with fluent_tracking_uri(tracker.uri):
-        module = mlflow.pytorch.load_model(uri)
-    return dict(module.state_dict())
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{_location(uri)}/{path}", dst_path=str(folder)))
 
 
-def load_python_model(tracker: Tracker, uri: str) -> object | None:
-    """The python model inside the pyfunc `uri`, loaded (its load_context run); None for a
-    pyfunc of another flavor, which has none."""
+def _location(uri: str) -> str:
+    """Where the files of the logged model `uri` (models:/..., runs:/...) are; under a
+    fluent_tracking_uri."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    with fluent_tracking_uri(tracker.uri):
-        model = mlflow.pyfunc.load_model(uri)
-    try:
-        return model.unwrap_python_model()
-    except MlflowException:
-        return None
+    return mlflow.models.get_model_info(uri).artifact_path.rstrip("/")
 
 
 # A trial's own model: its best weights and its input contract, as run artifacts under

@@ -20,6 +20,8 @@ TAG_EXPLOIT = "imgcls_hpo.exploit"
 # Per-epoch metrics of a PBT trial: the values of the hyperparameters PBT may change (pbt_lr...)
 PERTURBED_PREFIX = "pbt_"
 RUN_NAME = "mlflow.runName"  # what MLflow's runs table shows of a run: see runs.trial_run_name
+# The artifacts of a promoted ImageClassifier (hpo.after.serving), by MLflow artifact key
+CLASSIFIER_WEIGHTS, CLASSIFIER_PREPROCESSING = "weights", "preprocessing"
 MODEL_NAME = "model"  # a COMPLETE trial's model in its run: its weights, and its pt2 model
 
 # How a trial's end shows in MLflow's own run status: a trial stopped from outside (Ctrl-C, a
