@@ -1,6 +1,7 @@
 """Whole searches with real Optuna storage and a real MLflow store."""
 
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -291,3 +292,23 @@ def test_searches_started_together_share_one_database_and_one_study_run(
     trials = _runs(Store.resolve(store), "tiny", "trial")
     assert sorted(int(r.data.tags["imgcls_hpo.trial_number"]) for r in trials) == [0, 1, 2, 3]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {study_runs[0].info.run_id}
+
+
+@pytest.mark.slow
+def test_a_store_whose_mlflow_database_is_gone_is_refused_not_silently_split(
+        study_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "kept"
+    command = [str(Path(sys.executable).parent / "imgcls-hpo"), "search", str(study_file),
+               "--store", str(root), "--max-epochs", "1", "--trials"]
+    subprocess.run([*command, "1"], capture_output=True, check=True, timeout=300)
+    (root / "mlflow.db").unlink()  # the Optuna journal stays
+    done = subprocess.run([*command, "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: study 'tiny': its trial storage \(journal file .*optuna.journal"
+                        r"\) holds 1 finished trial\(s\), but the MLflow store sqlite:.* has "
+                        r"no run of them .*; restore it, or search into a new --store", line)
+    assert not list(root.glob("checkpoints/tiny/*"))  # nothing was started

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from hpo.config.store import Store
+from hpo.config.store import Store, mask_uri
 from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome, Trials, TrialState
 from hpo.search.artifacts import ArtifactWriter
 from hpo.search.backends import Backend, get_backend
-from hpo.search.backends.base import STUDY_RUN_ATTR
+from hpo.search.backends.base import STUDY_RUN_ATTR, BackendStudy
 from hpo.search.checkpoints import Checkpoints
 from hpo.search.context import StudyContext
 from hpo.search.devices import apply_slot, plan_slots
@@ -28,6 +28,7 @@ from hpo.tracking.client import Tracker
 from hpo.tracking.runs import open_study_run
 from imgcls.data.cache import Progress
 from imgcls.data.prepare import PreparedData, prepare_data
+from imgcls.errors import ConfigError
 from imgcls.metrics import check_objective
 
 
@@ -71,6 +72,7 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
                           store.artifact_root if store.tracking_is_local else None)
         study = backend.open(spec, store)
         experiment_id = tracker.experiment(spec.name)
+        _check_same_study(spec, store, study, tracker, experiment_id)
         run_id, changed = open_study_run(tracker, experiment_id, spec.name,
                                          study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data))
         study.set_attr(STUDY_RUN_ATTR, run_id)
@@ -101,6 +103,21 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
         finally:
             tracker.end_run(run_id, status)
     return SearchResult(spec, trials, experiment_id, run_id, changed)
+
+
+def _check_same_study(spec: StudySpec, store: Store, study: BackendStudy, tracker: Tracker,
+                      experiment_id: str) -> None:
+    """The Optuna side and the MLflow side of a store describe the same study: trials that
+    Optuna holds and MLflow has no study run for (mlflow.db deleted, another tracking URI) would
+    leave results and promote with nothing to read, so they are refused."""
+    recorded = study.get_attr(STUDY_RUN_ATTR)
+    finished = [t for t in study.trials() if t.state.counts]
+    if recorded and finished and tracker.find_run(recorded, experiment_id) is None:
+        raise ConfigError(
+            f"study {spec.name!r}: its trial storage ({store.describe_storage()}) holds "
+            f"{len(finished)} finished trial(s), but the MLflow store "
+            f"{mask_uri(store.tracking_uri)} has no run of them (its database deleted or "
+            "replaced, or another --tracking-uri?); restore it, or search into a new --store")
 
 
 def _study_params(spec: StudySpec, data: PreparedData) -> dict[str, str]:
