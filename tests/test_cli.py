@@ -1,6 +1,5 @@
 """The command line: its exit codes, its one-line errors, and its output."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -262,12 +261,38 @@ def test_unusable_images_are_named_with_the_way_out(study_file: Path,
     _bad_input(["search", str(study_file)], "Pass --skip-bad-images to leave them out")
 
 
-def test_a_redis_storage_without_its_client_says_what_to_install(study_file: Path,
-                                                                  tmp_path: Path) -> None:
-    if importlib.util.find_spec("redis") is not None:
-        pytest.skip("the redis client is installed here")
+def test_a_redis_storage_without_its_client_says_what_to_install(
+        study_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "redis" or m.startswith("redis.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed: import fails
     _bad_input(["search", str(study_file), "--store", str(tmp_path / "s"),
-                "--storage", "redis://localhost:6379"], "needs the redis package")
+                "--storage", "redis://:hunter2@localhost:6379"],
+               "--storage redis://***@localhost:6379 needs the redis package: "
+               "pip install 'imgcls-hpo[redis]'")
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_that_never_shows_its_password(
+        study_file: Path, tmp_path: Path) -> None:
+    url = f"postgresql://optuna:hunter2@127.0.0.1:{_free_port()}/optuna"  # nothing listens
+    result = runner.invoke(app, ["search", str(study_file), "--store", str(tmp_path / "s"),
+                                 "--storage", url])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: cannot open the Optuna storage "
+                           f"postgresql://optuna:***@127.0.0.1:{url.rsplit(':', 1)[1]}")
+    assert "hunter2" not in result.output
+
+
+def test_a_missing_database_driver_names_the_extra_that_installs_it() -> None:
+    from hpo.search.backends.optuna.storage import missing_driver
+
+    url = "postgresql://optuna:hunter2@db/optuna"
+    refused = ImportError(f"Failed to import DB access module for the specified storage {url}")
+    assert missing_driver(url, refused) == (
+        "no driver for postgresql:// is installed; pip install 'imgcls-hpo[postgres]'")
+    assert missing_driver(url, RuntimeError(f"connection to {url} refused")) == \
+        "connection to postgresql://optuna:***@db/optuna refused"
 
 
 def test_every_option_of_every_command_says_what_it_does() -> None:
@@ -339,3 +364,14 @@ def test_a_read_only_store_is_one_line_and_nothing_is_written(tmp_path: Path) ->
         f"error: the store {folder / 'store'} cannot be written to ({folder} is read-only); "
         "pass --store with a folder you can write to"]
     assert list(folder.iterdir()) == []
+
+
+def test_what_is_shown_and_recorded_of_a_storage_hides_its_password(tmp_path: Path) -> None:
+    from hpo.config.store import Store, mask_uri
+
+    store = Store.resolve(tmp_path, "postgresql://mlflow:s3cret@db:5432/mlflow",
+                          "postgresql+psycopg://optuna:hunter2@db/optuna")
+    assert store.describe_storage() == "postgresql+psycopg://optuna:***@db/optuna"  # the tag
+    assert mask_uri(store.tracking_uri) == "postgresql://mlflow:***@db:5432/mlflow"
+    assert mask_uri("http://mlflow-host:5000") == "http://mlflow-host:5000"
+    assert mask_uri("sqlite:////data/mlruns/mlflow.db") == "sqlite:////data/mlruns/mlflow.db"

@@ -125,8 +125,8 @@ def test_a_study_runs_exactly_its_trials_here_with_placement(
     assert [(t.number, t.state) for t in study.trials()] == [
         (0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
     assert observer.started == [0, 1, 2] and [o.number for o in observer.finished] == [0, 1, 2]
-    assert fake_trials[0]["placement"] == {"imgcls_hpo.device": "cpu",
-                                           "imgcls_hpo.worker": "cpu/worker0"}
+    assert fake_trials[0]["placement"] == {"imgcls_hpo.device": "cpu",  # which machine, too
+                                           "imgcls_hpo.worker": f"{HERE}/cpu/worker0"}
     attrs = study.study.trials[0].user_attrs
     assert (attrs["host"], attrs["pid"], attrs["worker"]) == (HERE, os.getpid(), "cpu/worker0")
 
@@ -332,7 +332,8 @@ def test_two_workers_finish_exactly_the_trials_and_report_to_the_observer(
     runs = _trial_runs(store)
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     for run in runs:
-        assert run.data.tags["imgcls_hpo.worker"] in ("cpu/worker0", "cpu/worker1")
+        assert run.data.tags["imgcls_hpo.worker"] in (f"{HERE}/cpu/worker0",
+                                                      f"{HERE}/cpu/worker1")
         assert run.data.tags["imgcls_hpo.device"] == "cpu"
 
 

@@ -23,6 +23,7 @@ from rich.text import Text
 # Light imports only, for the help texts: registries of names and the hyperparameters' types
 # (none of these imports torch, Optuna, Ray or MLflow; tests/test_layout.py checks it).
 from hpo.config.hparams import HParams
+from hpo.config.store import mask_uri
 from hpo.search.backends import BACKENDS
 from hpo.search.backends.optuna.pruners import PRUNERS
 from hpo.search.backends.optuna.samplers import SAMPLERS
@@ -254,7 +255,7 @@ def _yaml_value(item: str, text: str) -> Any:
 
 def _ui_hint(where: Any, store_arg: Path | None) -> str:
     if not where.tracking_is_local:
-        return f"Compare the trials in the MLflow UI at {where.tracking_uri}"
+        return f"Compare the trials in the MLflow UI at {mask_uri(where.tracking_uri)}"
     flag = f" --store {store_arg}" if store_arg else ""
     return (f"Compare the trials in the MLflow UI: [bold]imgcls-hpo ui{flag}[/], "
             "then open http://127.0.0.1:5000")
@@ -316,7 +317,8 @@ def ui(
 
     where = Store.resolve(store, tracking_uri)
     if not where.tracking_is_local:
-        console.print(f"{where.tracking_uri} is a tracking server: open it in a browser.")
+        console.print(f"{mask_uri(where.tracking_uri)} is a tracking server: open it in a "
+                      "browser.")
         return
     database = where.root / "mlflow.db"
     if where.tracking_uri.startswith("sqlite:") and not database.exists():
@@ -327,7 +329,8 @@ def ui(
                "--host", host, "--port", str(port),
                # experiments made in the UI keep their artifacts under the store too
                "--artifacts-destination", where.artifact_root.as_uri()]
-    console.print(f"MLflow UI on http://{host}:{port} for {where.tracking_uri} (Ctrl-C stops it)")
+    console.print(f"MLflow UI on http://{host}:{port} for {mask_uri(where.tracking_uri)} "
+                  "(Ctrl-C stops it)")
     raise typer.Exit(run_in_foreground(command))
 
 

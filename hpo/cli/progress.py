@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpo.config.space import Scalar
-from hpo.config.store import Store
+from hpo.config.store import Store, mask_uri
 from hpo.config.study import StudySpec
 from hpo.config.trial import TrialOutcome, Trials, TrialState, test_counterpart
 
@@ -138,7 +138,8 @@ class SearchProgress:
             f"{spec.trials} trials of up to {spec.max_epochs} epochs "
             f"{'maximizing' if spec.direction == 'max' else 'minimizing'} {spec.objective}; "
             f"searching {', '.join(p.name for p in spec.space.searched) or 'nothing'}\n"
-            f"[dim]store {self.store.root} · tracking {self.store.tracking_uri}[/]"
+            f"[dim]store {self.store.root} · tracking {mask_uri(self.store.tracking_uri)} · "
+            f"trials in {self.store.describe_storage()}[/]"
         )
         if data.skipped:
             self.console.print(

@@ -34,11 +34,30 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 
 def mask_uri(uri: str) -> str:
     """`uri` with its password, if it has one, shown as ***: postgresql://optuna:***@db/optuna."""
-    parts = urlsplit(uri)
-    if parts.password is None:
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:  # not a URL
         return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if not password:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}" if name else f"***@{host}"))
+
+
+def mask_secrets(text: str, *uris: str | None) -> str:
+    """`text` (an error message, say) with the password of each of `uris` shown as ***."""
+    for uri in uris:
+        if not uri:
+            continue
+        try:
+            password = urlsplit(uri).password
+        except ValueError:
+            continue
+        if password:
+            text = text.replace(uri, mask_uri(uri)).replace(password, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -121,4 +140,6 @@ class Store:
                            "with a folder you can write to")
 
     def describe_storage(self) -> str:
-        return self.optuna_storage or f"journal file {self.journal_path}"
+        """Where the trials are stored, to show or record: a URL's password masked."""
+        return mask_uri(self.optuna_storage) if self.optuna_storage else \
+            f"journal file {self.journal_path}"

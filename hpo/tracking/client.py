@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from hpo.config.store import mask_uri
 from hpo.tracking.interrupts import interrupts_held
 from imgcls.errors import ImgclsError
 
@@ -57,7 +58,7 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         pass
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason})"
+        raise TrackingError(f"cannot reach the MLflow tracking server at {mask_uri(uri)} ({reason})"
                             ) from None
 
 
@@ -99,6 +100,11 @@ class Tracker:
         self.uri = tracking_uri
         self.artifact_root = artifact_root
         self.client = cast("MlflowClient", _WholeCalls(MlflowClient(tracking_uri)))
+
+    @property
+    def shown(self) -> str:
+        """The tracking URI as messages show it: a password masked."""
+        return mask_uri(self.uri)
 
     # -- experiments and the study run ---------------------------------------------------------
 

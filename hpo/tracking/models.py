@@ -78,7 +78,7 @@ def model_info(tracker: Tracker, uri: str) -> tuple[dict[str, Any], dict[str, An
             info = mlflow.models.get_model_info(uri)
         except Exception as exc:
             raise ConfigError(f"cannot load the model {uri} from the tracking store "
-                              f"{tracker.uri} ({first_line(exc)})") from None
+                              f"{tracker.shown} ({first_line(exc)})") from None
     return dict(info.flavors), dict(info.metadata or {})
 
 

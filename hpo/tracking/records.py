@@ -54,7 +54,7 @@ def load_record(tracker: Tracker, study: str) -> StudyRecord:
     """The study `study` as its store holds it; StudyError when the store has no such study."""
     experiment_id, runs = study_runs(tracker, study)
     if experiment_id is None or not runs:
-        raise StudyError(f"no study {study!r} in the tracking store {tracker.uri}; run "
+        raise StudyError(f"no study {study!r} in the tracking store {tracker.shown}; run "
                          f"`imgcls-hpo search {study}` first (with the same --store)")
     study_run = runs[0]
     params = study_run.data.params

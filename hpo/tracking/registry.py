@@ -114,7 +114,7 @@ def _check_registered(tracker: Tracker, path: str, hint: str) -> None:
         known = [m.name for m in client.search_registered_models(max_results=20)]
         hint = hint or f" (registered: {', '.join(known) or 'none'})"
         raise ConfigError(f"no registered model {name!r} in the tracking store "
-                          f"{tracker.uri}{hint}") from None
+                          f"{tracker.shown}{hint}") from None
     if selector.startswith("@"):
         alias = selector[1:]
         if alias not in model.aliases:
@@ -140,7 +140,7 @@ def _check_run_model(tracker: Tracker, path: str, references: str) -> None:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"no run {run_id!r} in the tracking store {tracker.uri}; give "
+        raise ConfigError(f"no run {run_id!r} in the tracking store {tracker.shown}; give "
                           f"{references}") from None
     models = client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")

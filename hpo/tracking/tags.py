@@ -11,7 +11,8 @@ TAG_TRIAL = "imgcls_hpo.trial_number"
 TAG_STATE = "imgcls_hpo.state"  # COMPLETE, PRUNED, FAIL (TrialState.stored), RUNNING
 TAG_FAIL_REASON = "imgcls_hpo.fail_reason"
 TAG_DEVICE = "imgcls_hpo.device"  # where a trial trained: "cpu", "cuda:1" (the search's index)
-TAG_WORKER = "imgcls_hpo.worker"  # the worker slot that ran it: "cpu/worker0", "gpu1/slot0"
+# the machine and worker slot that ran it: "node7/cpu/worker0", "node7/gpu1/slot0"
+TAG_WORKER = "imgcls_hpo.worker"
 # On the run of a trial that started over (no checkpoint to go on from): the run that replaced it
 TAG_SUPERSEDED = "imgcls_hpo.superseded_by"
 # On a trial Population Based Training restarted from another's checkpoint, one tag per exploit:

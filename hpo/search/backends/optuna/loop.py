@@ -73,7 +73,7 @@ def placement_tags(slot: Slot) -> dict[str, str]:
     """Where a slot's trials train, as trial-run tags: the device by the search process's GPU
     index ("cuda:1"; inside the worker it is "cuda:0"), and the slot's label."""
     device = "cpu" if slot.gpu is None else f"cuda:{slot.gpu}"
-    return {TAG_DEVICE: device, TAG_WORKER: slot.label}
+    return {TAG_DEVICE: device, TAG_WORKER: f"{socket.gethostname()}/{slot.label}"}
 
 
 def worker_seed(seed: int, drawn: int, worker: int) -> int:

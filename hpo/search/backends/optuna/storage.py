@@ -7,7 +7,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from hpo.config.store import mask_secrets, mask_uri
 from hpo.config.study import StudyError, StudySpec
 from hpo.search.backends.optuna.pruners import PRUNERS
 from hpo.search.backends.optuna.samplers import SAMPLERS, sampler_seed
@@ -23,6 +25,22 @@ if TYPE_CHECKING:
 # (one row update); the grace outlasts a busy host's stalls.
 HEARTBEAT_S = 60
 HEARTBEAT_GRACE_S = 600
+
+
+# The extra that installs the driver of a database URL's scheme
+DRIVER_EXTRAS = {"postgresql": "postgres", "postgres": "postgres"}
+
+
+def missing_driver(target: str, exc: BaseException) -> str:
+    """What to tell a user whose storage could not be opened: the extra to install when its
+    driver is missing, else the error itself; never the URL's password."""
+    text = mask_secrets(first_line(exc), target)
+    scheme = urlsplit(target).scheme.split("+")[0]
+    if scheme in DRIVER_EXTRAS and ("DB access module" in text
+                                    or isinstance(exc, ImportError)):
+        return (f"no driver for {scheme}:// is installed; pip install "
+                f"'imgcls-hpo[{DRIVER_EXTRAS[scheme]}]'")
+    return text
 
 
 def make_storage(store: Store) -> optuna.storages.BaseStorage:
@@ -41,11 +59,11 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.JournalStorage(JournalRedisBackend(target))
         except ImportError:
-            raise StudyError(f"--storage {target} needs the redis package: pip install redis"
-                             ) from None
+            raise StudyError(f"--storage {mask_uri(target)} needs the redis package: "
+                             "pip install 'imgcls-hpo[redis]'") from None
         except Exception as exc:
-            raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
-                             ) from None
+            raise StudyError(f"cannot open the Optuna storage {mask_uri(target)}: "
+                             f"{mask_secrets(first_line(exc), target)}") from None
     if target and "://" in target:
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
@@ -53,8 +71,8 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage:
                 return optuna.storages.RDBStorage(target, heartbeat_interval=HEARTBEAT_S,
                                                   grace_period=HEARTBEAT_GRACE_S)
         except Exception as exc:  # driver missing, server down, bad URL: all the user's to fix
-            raise StudyError(f"cannot open the Optuna storage {target}: {first_line(exc)}"
-                             ) from None
+            raise StudyError(f"cannot open the Optuna storage {mask_uri(target)}: "
+                             f"{missing_driver(target, exc)}") from None
     path = Path(target).expanduser() if target else store.journal_path
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
