@@ -338,3 +338,25 @@ def test_unknown_names_list_the_known_ones(registry: object, typo: str,
 def test_check_space_refuses_an_unknown_sampler() -> None:
     with pytest.raises(ConfigError, match=r"unknown sampler 'bayes'.*known: .*tpe"):
         check_space("bayes", space_of(MIXED))
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_processes_sharing_a_study_never_draw_the_same_configuration(
+        sampler: str, study_file: object) -> None:
+    """Two processes started alike on one storage (the several-machines recipe) open the study
+    with the same seed; each trial's random draw follows from its number, which the storage
+    hands out once: no duplicates, and the draws of one process alone."""
+    from hpo.config.study import load_study
+    from hpo.search.backends.optuna.storage import open_optuna_study
+
+    spec = load_study(str(study_file), {"sampler": sampler})
+    space = spec.space.to_optuna()
+    shared = optuna.storages.InMemoryStorage()
+    machines = [open_optuna_study(spec, shared, fresh_seed=0) for _ in range(2)]
+    together = {}
+    for turn in range(6):
+        trial = machines[turn % 2].ask(space)
+        together[trial.number] = trial.params
+    assert len({tuple(sorted(p.items())) for p in together.values()}) == 6
+    alone = open_optuna_study(spec, optuna.storages.InMemoryStorage(), fresh_seed=0)
+    assert {t.number: t.params for t in (alone.ask(space) for _ in range(6))} == together

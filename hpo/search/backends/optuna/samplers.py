@@ -150,6 +150,34 @@ def sampler_seed(name: str, study_seed: int, fresh_seed: int) -> int:
     return study_seed if SAMPLERS.entry(name).meta.get("seed_per_study") else fresh_seed
 
 
+def seeded_per_trial(sampler: optuna.samplers.BaseSampler, seed: int
+                     ) -> optuna.samplers.BaseSampler:
+    """`sampler`, its random generators reseeded at each trial from (the study's seed, the
+    trial's number). Trial numbers are handed out by the storage, once each, so processes that
+    share a study (several machines on one database, each started alike) never draw the same
+    random configuration, and a trial's random draw is the same however many processes ran the
+    study. (A model-based draw still depends on the trials finished before it.) The generators
+    are numpy RandomStates the sampler and its fallback samplers keep as `_rng`; a sampler
+    without them is left as it is."""
+    import numpy as np
+
+    owners = [sampler, *(getattr(sampler, name, None)
+                         for name in ("_random_sampler", "_independent_sampler"))]
+    rngs = [owner._rng.rng for owner in owners
+            if owner is not None and hasattr(getattr(owner, "_rng", None), "rng")]
+    if not rngs:
+        return sampler
+    before_trial = sampler.before_trial
+
+    def reseeded(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        for index, rng in enumerate(rngs):
+            rng.seed(np.random.SeedSequence([seed, trial.number, index]).generate_state(1)[0])
+        before_trial(study, trial)
+
+    sampler.before_trial = reseeded  # type: ignore[method-assign]
+    return sampler
+
+
 # --- the grid ------------------------------------------------------------------------------
 
 

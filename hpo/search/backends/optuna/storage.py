@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from hpo.config.store import mask_secrets, mask_uri
 from hpo.config.study import StudyError, StudySpec
 from hpo.search.backends.optuna.pruners import PRUNERS
-from hpo.search.backends.optuna.samplers import SAMPLERS, sampler_seed
+from hpo.search.backends.optuna.samplers import SAMPLERS, sampler_seed, seeded_per_trial
 from imgcls.errors import first_line
 
 if TYPE_CHECKING:
@@ -86,11 +86,13 @@ def open_optuna_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to show
+    sampler = SAMPLERS.get(spec.sampler)(sampler_seed(spec.sampler, spec.seed, fresh_seed),
+                                         spec.trials, spec.space)
+    if not SAMPLERS.entry(spec.sampler).meta.get("seed_per_study"):
+        sampler = seeded_per_trial(sampler, spec.seed)
     return optuna.create_study(
         study_name=spec.name, storage=storage, load_if_exists=True,
         directions=["maximize" if direction == "max" else "minimize"
                     for _, direction in spec.terms],
-        sampler=SAMPLERS.get(spec.sampler)(sampler_seed(spec.sampler, spec.seed, fresh_seed),
-                                           spec.trials, spec.space),
-        pruner=PRUNERS.get(spec.pruner)(spec.max_epochs),
+        sampler=sampler, pruner=PRUNERS.get(spec.pruner)(spec.max_epochs),
     )
