@@ -375,3 +375,17 @@ def test_what_is_shown_and_recorded_of_a_storage_hides_its_password(tmp_path: Pa
     assert mask_uri(store.tracking_uri) == "postgresql://mlflow:***@db:5432/mlflow"
     assert mask_uri("http://mlflow-host:5000") == "http://mlflow-host:5000"
     assert mask_uri("sqlite:////data/mlruns/mlflow.db") == "sqlite:////data/mlruns/mlflow.db"
+
+
+def test_samples_writes_held_out_images_of_each_class_that_predict_can_read(
+        tmp_path: Path) -> None:
+    out = tmp_path / "samples"
+    result = runner.invoke(app, ["samples", "digits", "--out", str(out), "--count", "12",
+                                 "--store", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 12
+    assert {f.name.split("_")[0] for f in files} == {str(d) for d in range(10)}  # every class
+    with Image.open(files[0]) as image:
+        assert (image.size, image.mode) == ((32, 32), "L")  # as the study's model sees them
+    assert "12 test images of study digits written to" in result.output

@@ -7,6 +7,7 @@ unexpected (with its traceback); 130 interrupted.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -508,6 +509,42 @@ def explain(
     overlays = len(report.written) - embed
     console.print(f"{overlays} Grad-CAM overlays{' and tsne.png' if embed else ''} of {uri} "
                   f"written to {out}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def samples(
+    study: str = typer.Argument(..., help="A study under studies/, or a path to a study YAML."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Folder to write the images into."),
+    count: int = typer.Option(8, "--count", min=1, help="How many images, the classes in turn."),
+    data: str | None = typer.Option(None, "--data",
+                                    help="The image folder, CSV manifest or .npz file."),
+    store: Path | None = StoreOpt,
+) -> None:
+    """Write a few held-out test images of a study as PNG files, as the model sees them (its
+    image size and channels): something to try predict, explain and serving on."""
+    from PIL import Image
+
+    from hpo.config.store import Store
+    from hpo.config.study import load_study
+    from imgcls.data.prepare import prepare_data
+
+    spec = load_study(study, {"data.path": data})
+    prepared = prepare_data(spec.data, spec.seed, Store.resolve(store).cache_dir)
+    split = "test" if len(prepared.split.indices("test")) else "val"
+    held_out = prepared.split.indices(split)
+    labels = prepared.labels[held_out].numpy()
+    by_class = [list(held_out[labels == k]) for k in range(prepared.num_classes)]
+    chosen = [i for row in itertools.zip_longest(*by_class) for i in row if i is not None][:count]
+    out.mkdir(parents=True, exist_ok=True)
+    for index in chosen:
+        pixels = prepared.images[index].numpy()
+        image = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
+        name = Path(prepared.catalog.ids[index]).stem
+        label = prepared.classes[int(prepared.labels[index])]
+        Image.fromarray(image).save(out / f"{label}_{name}.png")
+    console.print(f"{len(chosen)} {split} images of study {spec.name} written to {out}/, named "
+                  "<class>_<id>.png", soft_wrap=True)
 
 
 def main() -> None:
