@@ -301,7 +301,7 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     options = [(name, param) for name, command in commands.items() for param in command.params
                if param.param_type_name == "option"]
-    assert len(commands) == 7 and len(options) > 40
+    assert len(commands) == 8 and len(options) > 40
     assert [f"{name} {param.opts[0]}" for name, param in options
             if not (param.help or "").strip()] == []
 

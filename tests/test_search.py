@@ -62,7 +62,8 @@ def test_a_failing_trial_does_not_stop_the_study(study_file: Path, store: Store)
     states = [t.state for t in result.trials]
     assert len(states) == 4 and "FAIL" in states and "COMPLETE" in states
     failed = [r for r in _runs(store, "tiny", "trial") if r.data.tags["imgcls_hpo.state"] == "FAIL"]
-    assert {r.data.tags["imgcls_hpo.fail_reason"] for r in failed} == {"diverged at epoch 1"}
+    assert failed and all(re.fullmatch(r"diverged at epoch [12]", r.data.tags[
+        "imgcls_hpo.fail_reason"]) for r in failed)  # the reason, in the run
     assert result.best is not None and result.best.params["lr"] == 0.05
 
 
