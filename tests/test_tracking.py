@@ -16,7 +16,7 @@ from mlflow.models import infer_signature
 from hpo.config.store import Store
 from hpo.config.trial import TrialState
 from hpo.tracking.client import Tracker, fluent_tracking_uri
-from hpo.tracking.runs import TrialRun, open_study_run, start_trial
+from hpo.tracking.runs import TrialRun, open_study_run, settle_study_run, start_trial
 from hpo.tracking.tags import MODEL_NAME, TAG_STATE
 
 METADATA = {"imgcls": {"arch": "tiny", "classes": ["a", "b", "c"], "image_size": 8}}
@@ -129,3 +129,19 @@ def test_ctrl_c_during_a_write_lets_it_finish_and_the_run_can_still_be_closed(
     logged = tracker.client.get_run(run.run_id)
     assert logged.info.status == "KILLED" and logged.data.tags[TAG_STATE] == "FAIL"
     assert logged.data.metrics == {"val_f1": 0.5}  # the write under way was completed
+
+
+def test_machines_that_began_a_study_at_once_settle_on_one_study_run(tracker: Tracker) -> None:
+    """Each process found no study run and created its own; both keep the earliest, and the
+    other is deleted, so every reader sees one."""
+    experiment = tracker.experiment("tiny")
+    tags = {"imgcls_hpo.role": "study", "imgcls_hpo.study": "tiny"}
+    first = tracker.client.create_run(experiment, run_name="tiny", tags=tags, start_time=1000)
+    second = tracker.client.create_run(experiment, run_name="tiny", tags=tags, start_time=1001)
+    mine = [first.info.run_id, second.info.run_id]
+    assert [settle_study_run(tracker, experiment, "tiny", run) for run in mine] == [mine[0]] * 2
+    assert tracker.client.get_run(mine[1]).info.lifecycle_stage == "deleted"
+    # a study run that holds trials is an earlier search's: a new one never yields to it
+    start_trial(tracker, experiment, mine[0], "tiny", 0, {"lr": 0.05})
+    later = tracker.client.create_run(experiment, run_name="tiny", tags=tags, start_time=2000)
+    assert settle_study_run(tracker, experiment, "tiny", later.info.run_id) == later.info.run_id

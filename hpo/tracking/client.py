@@ -122,8 +122,16 @@ class Tracker:
                                                TRAINING_RUNS)
             return existing.experiment_id
         location = (self.artifact_root / name).as_uri() if self.artifact_root else None
-        return self.client.create_experiment(name, artifact_location=location,
-                                             tags={EXPERIMENT_KIND: TRAINING_RUNS})
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND: TRAINING_RUNS})
+        except MlflowException:  # another machine created it a moment ago
+            created = self.client.get_experiment_by_name(name)
+            if created is None:
+                raise
+            return created.experiment_id
 
     def find_run(self, run_id: str | None, experiment_id: str) -> str | None:
         """`run_id` if it is a live run of that experiment in this store, else None."""

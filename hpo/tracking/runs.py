@@ -53,14 +53,32 @@ def open_study_run(tracker: Tracker, experiment_id: str, study: str, run_id: str
         run = tracker.client.create_run(
             experiment_id, run_name=study, tags={TAG_ROLE: "study", TAG_STUDY: study}
         )
-        run_id = run.info.run_id
-        tracker.log_params(run_id, params)
-        return run_id, []
+        tracker.log_params(run.info.run_id, params)
+        run_id = settle_study_run(tracker, experiment_id, study, run.info.run_id)
+        if run_id == run.info.run_id:
+            return run_id, []
     tracker.client.update_run(run_id, status="RUNNING")
     logged = tracker.run(run_id).data.params
     changed = [k for k, v in params.items() if k in logged and logged[k] != v]
     tracker.log_params(run_id, {k: v for k, v in params.items() if k not in logged})
     return run_id, changed
+
+
+def settle_study_run(tracker: Tracker, experiment_id: str, study: str, mine: str) -> str:
+    """The one study run of a study that processes on several machines began at the same
+    moment, each creating its own (`mine`) because none existed yet: of the study's runs that
+    hold no trial yet, the earliest (start time, then id) is kept, the same one for every
+    process, and a process whose run lost deletes it. A study run that holds trials is an
+    earlier search's, never a rival."""
+    runs = tracker.client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study}'")
+    rivals = [r for r in runs if r.info.run_id == mine
+              or not trial_runs(tracker, experiment_id, r.info.run_id, superseded=True)]
+    winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    if winner != mine:
+        tracker.client.delete_run(mine)
+    return winner
 
 
 def study_runs(tracker: Tracker, study: str) -> tuple[str | None, list[Run]]:
