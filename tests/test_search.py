@@ -313,3 +313,14 @@ def test_a_store_whose_mlflow_database_is_gone_is_refused_not_silently_split(
                         r"\) holds 1 finished trial\(s\), but the MLflow store sqlite:.* has "
                         r"no run of them .*; restore it, or search into a new --store", line)
     assert not list(root.glob("checkpoints/tiny/*"))  # nothing was started
+
+
+def test_a_store_whose_trial_journal_is_gone_is_refused_not_started_again(
+        study_file: Path, store: Store) -> None:
+    run_search(load_study(str(study_file), {"trials": 1, "max_epochs": 1}), store)
+    store.journal_path.unlink()  # mlflow.db stays
+    with pytest.raises(ConfigError, match=r"study 'tiny': the MLflow store sqlite:.* holds 1 "
+                                          r"trial run\(s\) of it, but its trial storage "
+                                          r"\(journal file .*optuna.journal\) has none"):
+        run_search(load_study(str(study_file), {"trials": 2, "max_epochs": 1}), store)
+    assert len(_runs(store, "tiny", "study")) == 1  # no second study run beside the first

@@ -25,7 +25,7 @@ from hpo.search.context import StudyContext
 from hpo.search.devices import apply_slot, plan_slots
 from hpo.search.events import NullObserver, SearchObserver
 from hpo.tracking.client import Tracker
-from hpo.tracking.runs import open_study_run
+from hpo.tracking.runs import open_study_run, study_runs, trial_runs
 from imgcls.data.cache import Progress
 from imgcls.data.prepare import PreparedData, prepare_data
 from imgcls.errors import ConfigError
@@ -109,9 +109,21 @@ def _check_same_study(spec: StudySpec, store: Store, study: BackendStudy, tracke
                       experiment_id: str) -> None:
     """The Optuna side and the MLflow side of a store describe the same study: trials that
     Optuna holds and MLflow has no study run for (mlflow.db deleted, another tracking URI) would
-    leave results and promote with nothing to read, so they are refused."""
+    leave results and promote with nothing to read, and a study MLflow holds trials of that
+    Optuna has never seen (the journal deleted) would start again from trial 0 beside them; both
+    are refused."""
     recorded = study.get_attr(STUDY_RUN_ATTR)
-    finished = [t for t in study.trials() if t.state.counts]
+    trials = study.trials()
+    if not recorded and not trials:  # a new study here: MLflow must not hold it already
+        _, runs = study_runs(tracker, spec.name)
+        held = sum(len(trial_runs(tracker, experiment_id, r.info.run_id)) for r in runs)
+        if held:
+            raise ConfigError(
+                f"study {spec.name!r}: the MLflow store {mask_uri(store.tracking_uri)} holds "
+                f"{held} trial run(s) of it, but its trial storage ({store.describe_storage()})"
+                " has none (the journal deleted, or another --storage?); restore it, or search "
+                "into a new --store")
+    finished = [t for t in trials if t.state.counts]
     if recorded and finished and tracker.find_run(recorded, experiment_id) is None:
         raise ConfigError(
             f"study {spec.name!r}: its trial storage ({store.describe_storage()}) holds "
