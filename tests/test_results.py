@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,3 +395,19 @@ def test_results_of_a_real_search(study_file: Path, store: Store, tmp_path: Path
     assert all(len(t.intermediate_values) == 2 for t in study.trials)  # max_epochs 2
     logged_names = {a.path for a in tracker.client.list_artifacts(record.study_run_id, "results")}
     assert f"results/{PLOT_HTML}" in logged_names and f"results/{TRIALS_CSV}" in logged_names
+
+
+def test_the_plots_tell_complete_from_pruned_and_number_their_points(tmp_path: Path) -> None:
+    trials = in_memory([Fake("COMPLETE" if k % 3 else "PRUNED", dropout=k / 40,
+                             arch=("resnet18", "simplecnn")[k % 2]) for k in range(6)])
+    plot = plot_points(trials)
+    page = plot_3d_html(plot, tmp_path / "p.html").read_text()
+    symbols = {m for found in re.findall(r'"symbol":\[([^\]]*)\]', page)
+               for m in re.findall(r'"([a-z-]+)"', found)}
+    assert symbols == {"circle", "x"}  # completed trials as dots, pruned ones as crosses
+    assert "markers+text" in page  # each point carries its trial number
+    figure = plot_3d_png(plot)
+    title = figure.axes[0].get_title()
+    assert "6 trials: 4 complete (dots), 2 pruned (crosses)" in title
+    markers = {c.get_paths()[0].vertices.shape for c in figure.axes[0].collections}
+    assert len(markers) == 2  # two marker shapes: dots and crosses

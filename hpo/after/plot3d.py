@@ -5,6 +5,7 @@ renderers: interactive HTML (plotly) and PNG (matplotlib)."""
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,17 @@ def _text(value: Scalar) -> str:
 # -- the 3D hyperparameter plot: renderers -----------------------------------------------------
 
 def _title(data: PlotData) -> str:
+    complete = data.states.count("COMPLETE")
     return (f"study {data.study}: {data.z.name} over {data.x.name} and {data.y.name}, "
-            f"colour {data.color.name}; {len(data)} finished trial(s)")
+            f"colour {data.color.name}; {len(data)} trials: {complete} complete (dots), "
+            f"{len(data) - complete} pruned (crosses)")
+
+
+# How a point shows its trial's end: a completed trial a dot, a pruned one a cross
+HTML_SYMBOL = {"COMPLETE": "circle", "PRUNED": "x"}
+PNG_MARKER = {"COMPLETE": "o", "PRUNED": "x"}
+PNG_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+               "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
 def plot_3d_html(data: PlotData, path: Path) -> Path:
@@ -215,21 +225,25 @@ def plot_3d_html(data: PlotData, path: Path) -> Path:
               for role, a in (("x", data.x), ("y", data.y), ("z", data.z))}
     hover = [data.hover(i, "<br>") for i in range(len(data))]
 
-    def trace(indices: list[int], **style: object) -> go.Scatter3d:
+    def trace(indices: list[int], marker: dict[str, object], **style: object) -> go.Scatter3d:
         return go.Scatter3d(
             x=[coords["x"][i] for i in indices], y=[coords["y"][i] for i in indices],
-            z=[coords["z"][i] for i in indices], text=[hover[i] for i in indices],
-            mode="markers", hovertemplate="%{text}<extra></extra>", **style,
+            z=[coords["z"][i] for i in indices], hovertext=[hover[i] for i in indices],
+            text=[str(data.trials[i]) for i in indices], mode="markers+text",
+            textposition="top center", textfont={"size": 9},
+            hovertemplate="%{hovertext}<extra></extra>",
+            marker={**marker, "symbol": [HTML_SYMBOL.get(data.states[i], "circle")
+                                         for i in indices]}, **style,
         )
 
     fig = go.Figure()
     groups = data.groups()
     for label, indices in groups:
-        fig.add_trace(trace(indices, name=label, marker={"size": 5}))
+        fig.add_trace(trace(indices, {"size": 5}, name=label))
     if not groups:
-        fig.add_trace(trace(list(range(len(data))), name=data.color.name, marker={
+        fig.add_trace(trace(list(range(len(data))), {
             "size": 5, "color": list(data.color.values), "colorscale": "Viridis",
-            "colorbar": {"title": {"text": data.color.name}}}))
+            "colorbar": {"title": {"text": data.color.name}}}, name=data.color.name))
     fig.update_layout(
         title={"text": _title(data)}, legend={"title": {"text": data.color.name}},
         scene={"xaxis": _plotly_axis(data.x), "yaxis": _plotly_axis(data.y),
@@ -267,13 +281,18 @@ def plot_3d_png(data: PlotData) -> Figure:
     ax = fig.add_subplot(projection="3d")
     px, py, pz = data.x.positions(), data.y.positions(), data.z.positions()
     groups = data.groups()
-    for label, indices in groups:
-        ax.scatter(px[indices], py[indices], pz[indices], label=label, s=36, depthshade=False)
+    for (label, indices), colour in zip(groups, itertools.cycle(PNG_COLOURS)):
+        for n, (marker, these) in enumerate(_by_state(data, indices)):
+            ax.scatter(px[these], py[these], pz[these], marker=marker, color=colour, s=36,
+                       depthshade=False, label=label if n == 0 else None)
     if groups:
         ax.legend(title=data.color.name, loc="upper left", fontsize=8)
-    else:
-        points = ax.scatter(px, py, pz, c=np.array(data.color.values, dtype=float),
-                            cmap="viridis", s=36, depthshade=False)
+    elif len(data):
+        values = np.array(data.color.values, dtype=float)
+        for marker, these in _by_state(data, list(range(len(data)))):
+            points = ax.scatter(px[these], py[these], pz[these], c=values[these],
+                                cmap="viridis", vmin=values.min(), vmax=values.max(), s=36,
+                                marker=marker, depthshade=False)
         fig.colorbar(points, ax=ax, label=data.color.name, shrink=0.6, pad=0.1)
     if len(data) <= MAX_PNG_LABELS:
         for i, number in enumerate(data.trials):
@@ -290,3 +309,10 @@ def plot_3d_png(data: PlotData) -> Figure:
     ax.set_title(_title(data) + ("; numbers: trials" if len(data) <= MAX_PNG_LABELS else ""),
                  fontsize=9)
     return fig
+
+
+def _by_state(data: PlotData, indices: list[int]) -> list[tuple[str, list[int]]]:
+    """`indices` split by their trial's end, each with its PNG marker; empty parts left out."""
+    parts = [(marker, [i for i in indices if data.states[i] == state])
+             for state, marker in PNG_MARKER.items()]
+    return [(marker, these) for marker, these in parts if these]
