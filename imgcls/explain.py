@@ -224,7 +224,7 @@ def tsne_plot(features: np.ndarray, labels: Sequence[int] | np.ndarray, classes:
                          f"{labels.max()}")
     points = tsne_embedding(features, random_state)
     palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
-    fig = Figure(figsize=(6, 5))
+    fig = Figure(figsize=(7.5, 5), layout="constrained")  # room for the legend beside
     ax = fig.subplots()
     for c, name in enumerate(classes):
         mine = labels == c
@@ -233,8 +233,8 @@ def tsne_plot(features: np.ndarray, labels: Sequence[int] | np.ndarray, classes:
                        label=f"{name} ({int(mine.sum())})")
     # t-SNE axes have no unit: only neighbourhoods mean something.
     ax.set(title=title, xticks=[], yticks=[])
-    ax.legend(title="class", loc="best")
-    fig.tight_layout()
+    # outside the axes: a legend inside covered the points of whichever corner it chose
+    fig.legend(title="class", loc="outside right upper", fontsize=8)
     return fig
 
 

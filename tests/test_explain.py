@@ -230,8 +230,11 @@ def test_tsne_plot_has_one_scatter_per_class():
     assert [len(c.get_offsets()) for c in ax.collections] == [6, 6, 6]  # flies: no images
     colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
     assert len(colours) == 3
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "ants (6)", "bees (6)", "wasps (6)"]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["ants (6)", "bees (6)", "wasps (6)"]
+    fig.draw_without_rendering()  # the legend sits beside the points, covering none of them
+    legend, axes = legend.get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1 and legend.x1 <= fig.bbox.x1
 
 
 def test_overlay_blends_the_colormap_over_grey_and_rgb_images():
