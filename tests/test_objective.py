@@ -14,7 +14,7 @@ from hpo.config.study import load_study
 from hpo.search.context import StudyContext
 from hpo.search.trial import run_trial
 from hpo.tracking.client import Tracker, fluent_tracking_uri
-from hpo.tracking.models import load_weights
+from hpo.tracking.models import load_weights, model_info
 from hpo.tracking.runs import open_study_run
 from imgcls.data import prepare_data
 from imgcls.errors import ConfigError
@@ -113,7 +113,8 @@ def test_log_models_all_also_exports_each_complete_trial_as_an_mlflow_model(
     assert info.metadata["imgcls"]["classes"] == ["ants", "bees"]
     assert _run(ctx, outcome.run_id).info.status == "FINISHED"
     # its weights, read from the torch.export file (no pickle), are the module's own
-    weights = load_weights(ctx.tracker, f"runs:/{outcome.run_id}/model")  # type: ignore[arg-type]
+    logged = model_info(ctx.tracker, f"runs:/{outcome.run_id}/model")  # type: ignore[arg-type]
+    weights = load_weights(ctx.tracker, logged)  # type: ignore[arg-type]
     expected = model.state_dict()
     assert weights and set(weights) == set(expected)
     for name, tensor in weights.items():

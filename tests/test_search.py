@@ -249,19 +249,21 @@ def test_auto_checkpoints_keep_their_writing_under_a_hundredth_of_the_training()
     speed = WriteSpeed()
     policy = CheckpointPolicy("auto", speed)
     nbytes = 100_000_000
-    assert policy.due(1, trained=3.0, last=False, nbytes=nbytes)  # the first: it measures
+    size, half = (lambda: nbytes), (lambda: nbytes // 2)
+    assert policy.due(1, trained=3.0, last=False, size=size)  # the first: it measures
     with policy.writing({"w": torch.zeros(nbytes // 4)}, trained=3.0):
         time.sleep(0.05)
     cost = speed.cost(nbytes)
     assert cost is not None and cost >= 0.05
     # due once the training since the last checkpoint pays for the write a hundred times over
-    assert not policy.due(2, trained=3.0 + 0.9 * cost / AUTO_SHARE, last=False, nbytes=nbytes)
-    assert policy.due(3, trained=3.0 + 1.1 * cost / AUTO_SHARE, last=False, nbytes=nbytes)
-    assert policy.due(3, trained=3.0 + 0.6 * cost / AUTO_SHARE, last=False, nbytes=nbytes // 2)
-    assert not policy.due(4, trained=1e9, last=True, nbytes=nbytes)  # the trial ends now
+    assert not policy.due(2, trained=3.0 + 0.9 * cost / AUTO_SHARE, last=False, size=size)
+    assert policy.due(3, trained=3.0 + 1.1 * cost / AUTO_SHARE, last=False, size=size)
+    assert policy.due(3, trained=3.0 + 0.6 * cost / AUTO_SHARE, last=False, size=half)
+    assert not policy.due(4, trained=1e9, last=True, size=size)  # the trial ends now
     # every N epochs, whatever a write costs; 0: never
-    assert [e for e in range(1, 8) if CheckpointPolicy(3, speed).due(e, 0.0, e == 7, 1)] == [3, 6]
-    assert not any(CheckpointPolicy(0, WriteSpeed()).due(e, 9e9, False, 1) for e in range(1, 5))
+    every3 = CheckpointPolicy(3, speed)
+    assert [e for e in range(1, 8) if every3.due(e, 0.0, e == 7, size)] == [3, 6]
+    assert not any(CheckpointPolicy(0, WriteSpeed()).due(e, 9e9, False, size) for e in range(1, 5))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from hpo.tracking import registry
 from hpo.tracking.models import (
     WEIGHTS_DIR,
+    ModelInfo,
     has_weights,
     load_file,
     load_run_weights,
@@ -67,16 +68,17 @@ def resolve_model(tracker: Tracker, ref: str) -> tuple[str, Predictor]:
     registry.check_reference(tracker, uri, hint, MODEL_REFERENCES)
     # What the model is, from its MLmodel file alone: nothing of it is loaded, and none of its
     # code run, before it is known to be one of ours; then only its tensors are read.
-    flavors, metadata = model_info(tracker, uri)
-    if "pytorch" in flavors:  # a trial's own model: rebuild it from its weights and metadata
-        state_dict, preprocessing = trial_weights(tracker, uri)
+    model = model_info(tracker, uri)
+    if "pytorch" in model.flavors:  # a trial's own model: rebuild it from weights and metadata
+        state_dict, preprocessing = trial_weights(tracker, uri, model)
         return uri, Predictor.from_state_dict(state_dict, preprocessing)
-    if not is_classifier(flavors, metadata):
+    if not is_classifier(model.flavors, model.metadata):
         raise ConfigError(f"{uri} is not an image classifier promoted by imgcls-hpo (flavors: "
-                          f"{', '.join(flavors)}); it was not loaded. Give {MODEL_REFERENCES}")
+                          f"{', '.join(model.flavors)}); it was not loaded. Give "
+                          f"{MODEL_REFERENCES}")
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = flavors["python_function"]["artifacts"]
-        files = {key: str(load_file(tracker, uri, artifacts[key]["path"], Path(tmp)))
+        artifacts = model.flavors["python_function"]["artifacts"]
+        files = {key: str(load_file(tracker, model, artifacts[key]["path"], Path(tmp)))
                  for key in (CLASSIFIER_WEIGHTS, CLASSIFIER_PREPROCESSING)}
         return uri, load_predictor(files)  # torch.load(weights_only=True): tensors only
 
@@ -100,16 +102,18 @@ def _trial_weights_run(tracker: Tracker, uri: str) -> str | None:
     return run_id if artifact == WEIGHTS_DIR and has_weights(tracker, run_id) else None
 
 
-def trial_weights(tracker: Tracker, uri: str
+def trial_weights(tracker: Tracker, uri: str, model: ModelInfo | None = None
                   ) -> tuple[dict[str, torch.Tensor], Preprocessing]:
     """A trial's pt2 model as a state dict for `imgcls.models.build_model`, and its
-    preprocessing (the `imgcls` metadata it was logged with)."""
+    preprocessing (the `imgcls` metadata it was logged with). `model`: its MLmodel, when the
+    caller has read it already."""
     from imgcls.predict import Preprocessing
 
-    _, metadata = model_info(tracker, uri)
+    model = model or model_info(tracker, uri)
+    metadata = model.metadata
     if "imgcls" not in metadata:
         raise ConfigError(f"the model {uri} has no 'imgcls' metadata (classes, image size, "
                           "normalization), so it cannot predict; promote a trial logged by "
                           "imgcls-hpo")
     preprocessing = Preprocessing.from_metadata(metadata["imgcls"])
-    return load_weights(tracker, uri), preprocessing
+    return load_weights(tracker, model), preprocessing

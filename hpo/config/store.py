@@ -55,8 +55,8 @@ def mask_secrets(text: str, *uris: str | None) -> str:
             password = urlsplit(uri).password
         except ValueError:
             continue
-        if password:
-            text = text.replace(uri, mask_uri(uri)).replace(password, "***")
+        if password:  # wherever it shows: in the URL, or quoted alone
+            text = text.replace(password, "***")
     return text
 
 

@@ -143,16 +143,13 @@ class StudySpec(BaseModel):
         hyperparameters it set): one that sets such a hyperparameter to a value the new space
         cannot take is left out, and a value the command line fixed it to is dropped from it."""
         narrowed = (info.context or {}).get("narrowed", set())
-        kept = []
-        for config in self.enqueue:
-            clash = [n for n in config if n in narrowed and not
-                     (n in self.space and self.space.contains(n, config[n]))]
-            if not clash:
-                searched = {p.name for p in self.space.searched}
-                kept.append({n: v for n, v in config.items()
-                             if n not in narrowed or n in searched})
         if narrowed:
-            self.enqueue = tuple(c for c in kept if c)
+            searched = {p.name for p in self.space.searched}
+            kept = ({n: v for n, v in config.items() if n not in narrowed or n in searched}
+                    for config in self.enqueue
+                    if all(n in self.space and self.space.contains(n, v)
+                           for n, v in config.items() if n in narrowed))
+            self.enqueue = tuple(config for config in kept if config)
         for config in self.enqueue:
             for name, value in config.items():
                 HParams.check_value(name, value)

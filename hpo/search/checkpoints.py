@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -128,13 +128,14 @@ class CheckpointPolicy:
     speed: WriteSpeed
     since: float = 0.0  # the trial's training seconds at its last checkpoint
 
-    def due(self, epoch: int, trained: float, last: bool, nbytes: int) -> bool:
-        """Whether a checkpoint is due after `epoch`, `trained` seconds into the training."""
+    def due(self, epoch: int, trained: float, last: bool, size: Callable[[], int]) -> bool:
+        """Whether a checkpoint is due after `epoch`, `trained` seconds into the training;
+        `size()`, the checkpoint's bytes, is asked only when the write's cost matters."""
         if self.every != "auto":
             return bool(self.every) and epoch % self.every == 0
         if last:
             return False
-        cost = self.speed.cost(nbytes)
+        cost = self.speed.cost(size()) if self.speed.seconds_per_byte is not None else None
         return cost is None or cost <= AUTO_SHARE * (trained - self.since)
 
     @contextlib.contextmanager

@@ -138,18 +138,27 @@ class TrialRunner:
         assert self.trainer is not None, "begin() first"
         metrics = self.trainer.step()
         checkpoints = self.ctx.checkpoints
-        if checkpoints is not None and self.checkpoint_due():
-            state = self.checkpoint()
+        state = self.due_checkpoint() if checkpoints is not None else None
+        if checkpoints is not None and state is not None:
             with self.policy.writing(state, self.trainer.seconds):
                 checkpoints.save(self.number, state)
         self._log_epoch(self.trainer.epoch, metrics)
         return metrics
 
-    def checkpoint_due(self) -> bool:
-        """Whether the epoch just trained is to be checkpointed (the study's checkpoint_every)."""
+    def due_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint of the epoch just trained when the study's checkpoint_every makes one
+        due (built once, and only when its size or its writing needs it); else None."""
         assert self.trainer is not None
-        return self.policy.due(self.trainer.epoch, self.trainer.seconds, self.trainer.done,
-                               state_bytes(self.trainer.state_dict()))
+        state: dict[str, Any] | None = None
+
+        def size() -> int:
+            nonlocal state
+            state = self.checkpoint()
+            return state_bytes(state)
+
+        if not self.policy.due(self.trainer.epoch, self.trainer.seconds, self.trainer.done, size):
+            return None
+        return state if state is not None else self.checkpoint()
 
     @property
     def done(self) -> bool:

@@ -5,6 +5,7 @@ its python model."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,10 +68,20 @@ def tensor_signature(input_example: np.ndarray, num_classes: int) -> ModelSignat
                           Schema([TensorSpec(dtype, (-1, num_classes))]))
 
 
-def model_info(tracker: Tracker, uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The flavors (by name, with their configuration) and the metadata of the logged model
-    `uri`, read from its MLmodel file alone (nothing of the model is loaded or run);
-    ConfigError when there is none to read (an unreadable MLmodel, a missing artifact)."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a logged model's MLmodel file says: its flavors (by name, with their
+    configuration), its metadata, and where its files are (an artifact URI)."""
+
+    uri: str
+    flavors: dict[str, Any]
+    metadata: dict[str, Any]
+    location: str
+
+
+def model_info(tracker: Tracker, uri: str) -> ModelInfo:
+    """The MLmodel of the logged model `uri`, read alone (nothing of the model is loaded or
+    run); ConfigError when there is none to read (an unreadable MLmodel, a missing artifact)."""
     import mlflow
 
     with fluent_tracking_uri(tracker.uri):
@@ -79,44 +90,37 @@ def model_info(tracker: Tracker, uri: str) -> tuple[dict[str, Any], dict[str, An
         except Exception as exc:
             raise ConfigError(f"cannot load the model {uri} from the tracking store "
                               f"{tracker.shown} ({first_line(exc)})") from None
-    return dict(info.flavors), dict(info.metadata or {})
+    return ModelInfo(uri, dict(info.flavors), dict(info.metadata or {}),
+                     info.artifact_path.rstrip("/"))
 
 
-def load_weights(tracker: Tracker, uri: str) -> dict[str, torch.Tensor]:
-    """The state dict of the pytorch-flavored model `uri` (a trial's pt2 model), read from its
+def load_weights(tracker: Tracker, model: ModelInfo) -> dict[str, torch.Tensor]:
+    """The state dict of a pytorch-flavored `model` (a trial's pt2 model), read from its
     torch.export file, which holds no pickle; a model saved any other way (MLflow's pickle
     format, whose loading can run code) raises ConfigError before anything of it is read."""
     import tempfile
 
-    import mlflow
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp, fluent_tracking_uri(tracker.uri):
-        folder = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{_location(uri)}/data", dst_path=tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = load_file(tracker, model, "data", Path(tmp))
         exported = sorted(folder.rglob("*.pt2"))
         if not exported:
-            raise ConfigError(f"{uri} is a pytorch model saved as a pickle, which could run code "
-                              "when loaded: refused; give a model promoted by imgcls-hpo")
+            raise ConfigError(f"{model.uri} is a pytorch model saved as a pickle, which could "
+                              "run code when loaded: refused; give a model promoted by "
+                              "imgcls-hpo")
         program = torch.export.load(exported[0])
     return {k: v.detach().clone() for k, v in program.state_dict.items()}
 
 
-def load_file(tracker: Tracker, uri: str, path: str, folder: Path) -> Path:
-    """One file of the logged model `uri` (its relative `path`), downloaded into `folder`."""
+def load_file(tracker: Tracker, model: ModelInfo, path: str, folder: Path) -> Path:
+    """One file (or folder) of the logged `model`, its relative `path`, downloaded into
+    `folder`."""
     import mlflow
 
     with fluent_tracking_uri(tracker.uri):
         return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{_location(uri)}/{path}", dst_path=str(folder)))
-
-
-def _location(uri: str) -> str:
-    """Where the files of the logged model `uri` (models:/..., runs:/...) are; under a
-    fluent_tracking_uri."""
-    import mlflow
-
-    return mlflow.models.get_model_info(uri).artifact_path.rstrip("/")
+            artifact_uri=f"{model.location}/{path}", dst_path=str(folder)))
 
 
 # A trial's own model: its best weights and its input contract, as run artifacts under

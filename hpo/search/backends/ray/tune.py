@@ -95,7 +95,7 @@ class RayTrial(Trainable):
                         run_id=runner.run.run_id if runner.run else None)
             if runner.done:
                 return self._ended(runner.end(), info)
-            due = runner.checkpoint_due()
+            due = runner.due_checkpoint() is not None
         except Exception as exc:
             return self._ended(runner.failed(exc), info)
         # Tune saves the trial's checkpoint after this result when the study's checkpoint_every
