@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from imgcls.data import Augment, Batches, DataConfig, FolderSource, load_images, prepare_data
+from imgcls.errors import DataError
 from imgcls.models import build_model
 from imgcls.train import Acceleration, TrainConfig, fit, fits_on_device, train_one_epoch
 from tests.conftest import make_image_folder
@@ -255,10 +256,14 @@ def test_an_image_over_the_pixel_limit_is_refused_before_its_pixels_are_read(
 
     root = make_image_folder(tmp_path / "d", per_class=3, size=16)
     Image.new("RGB", (64, 48), "white").save(root / "ants" / "huge.png")
-    monkeypatch.setattr(cache, "MAX_PIXELS", 64 * 48 - 1)  # 16x16 images pass, 64x48 does not
     source = FolderSource(root)
     catalog = source.scan()
-    decoded = load_images(source, catalog, 16, 3, tmp_path / "cache")
+    decoded = load_images(source, catalog, 16, 3, tmp_path / "cache", max_pixels=64 * 48 - 1)
     assert {catalog.ids[i]: reason for i, reason in decoded.bad.items()} == {
-        "ants/huge.png": "64x48 pixels, over the 3,071 an image may have (a decompression "
-                         "bomb, or a scan to tile first)"}
+        "ants/huge.png": "64x48 pixels, over the 3,071 an image may have (data.max_pixels; a "
+                         "decompression bomb, or a scan to tile first)"}  # 16x16 ones pass
+    assert not load_images(source, catalog, 16, 3, tmp_path / "cache").bad  # the default: 50 Mpx
+    monkeypatch.setattr(cache, "MAX_PIXELS", 64 * 48 - 1)  # predict's limit is the default
+    with Image.open(root / "ants" / "huge.png") as image, pytest.raises(DataError,
+                                                                         match="64x48 pixels"):
+        cache.to_array(image, 16, 3)

@@ -322,6 +322,7 @@ def ui(
                       "browser.")
         return
     database = where.root / "mlflow.db"
+    where.check_manifest()
     if where.tracking_uri.startswith("sqlite:") and not database.exists():
         raise ConfigError(f"no MLflow store at {where.root}: run `imgcls-hpo search` first, "
                           "or pass --store")
@@ -335,6 +336,22 @@ def ui(
     raise typer.Exit(run_in_foreground(command))
 
 
+@app.command()
+@user_errors
+def relocate(store: Path | None = StoreOpt) -> None:
+    """Point a moved or copied store's MLflow records at the folder it is in now."""
+    from hpo.config.store import Store
+    from hpo.tracking.relocate import relocate as rewrite
+
+    where = Store.resolve(store)
+    moved = rewrite(where)
+    if moved is None:
+        console.print(f"The store {where.root} is where it was made: nothing to relocate.")
+        return
+    console.print(f"Relocated the store from {moved.old_root} to {moved.new_root}: "
+                  f"{moved.rewritten} artifact location(s) rewritten.")
+
+
 def _open_store(store: Path | None, tracking_uri: str | None) -> tuple[Any, Any]:
     """The store a search wrote, and a tracker on it; a one-line error when there is none."""
     from hpo.config.store import Store
@@ -342,6 +359,7 @@ def _open_store(store: Path | None, tracking_uri: str | None) -> tuple[Any, Any]
     from imgcls.errors import ConfigError
 
     where = Store.resolve(store, tracking_uri)
+    where.check_manifest()
     if where.tracking_uri.startswith("sqlite:") and not (where.root / "mlflow.db").exists():
         raise ConfigError(f"no MLflow store at {where.root}: run `imgcls-hpo search` first, "
                           "or pass --store")

@@ -7,6 +7,8 @@ By default one folder (`--store`, default ./mlruns) holds all of it:
     cache/           decoded images, shared by every trial of every study on the same data
     checkpoints/     each running trial's last checkpoint, removed when the trial ends
     store.lock       held while a search sets itself up (one database, one study run)
+    store.json       the manifest: format version, the folder the store was made in, where its
+                     tracking and trial storage are, its studies (see Manifest)
 `--tracking-uri` (an MLflow server, or another database) and `--storage` (an Optuna RDB or
 journal) move their part elsewhere; the cache stays under the store.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +29,8 @@ from imgcls.errors import ConfigError
 
 DEFAULT_STORE = "mlruns"
 STORE_ENV = "IMGCLS_HPO_STORE"
+MANIFEST = "store.json"
+STORE_FORMAT = 1  # the manifest's `format`: raised when a store's layout changes
 # What MLflow tracks to: its databases (a driver may follow: postgresql+psycopg://), a server,
 # a folder (file://, or a plain path), Databricks
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file",
@@ -61,6 +66,45 @@ def mask_secrets(text: str, *uris: str | None) -> str:
 
 
 @dataclass(frozen=True)
+class Manifest:
+    """What a store says of itself (`<store>/store.json`), written by every search that sets
+    up there: the folder it was made in (MLflow keeps absolute artifact locations, so a store
+    moved or copied elsewhere must be relocated before use), where its MLflow tracking and trial
+    storage are (masked), and the studies it holds."""
+
+    format: int
+    root: str
+    tracking: str
+    storage: str
+    studies: tuple[str, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest | None:
+        """The manifest at `path`; None where there is none (a store older than manifests)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            manifest = cls(int(data["format"]), str(data["root"]), str(data["tracking"]),
+                           str(data["storage"]), tuple(map(str, data["studies"])))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"the store's manifest {path} is unreadable ({exc}); move it "
+                              "aside and search again to rewrite it") from None
+        if manifest.format > STORE_FORMAT:
+            raise ConfigError(f"the store {path.parent} has format {manifest.format}, newer "
+                              f"than this imgcls-hpo reads ({STORE_FORMAT}): upgrade imgcls-hpo")
+        return manifest
+
+    def write(self, path: Path) -> None:
+        """Written whole or not at all: a process killed mid-write leaves the old manifest."""
+        data = {"format": self.format, "root": self.root, "tracking": self.tracking,
+                "storage": self.storage, "studies": list(self.studies)}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
 class Store:
     root: Path
     tracking_uri: str
@@ -83,6 +127,51 @@ class Store:
     @property
     def journal_path(self) -> Path:
         return self.root / "optuna.journal"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def mlflow_db(self) -> Path | None:
+        """The store's own MLflow database; None when tracking goes elsewhere."""
+        prefix = "sqlite:///"
+        if not self.tracking_uri.startswith(prefix):
+            return None
+        path = Path(self.tracking_uri[len(prefix):])
+        return path if path.parent == self.root else None
+
+    def check_manifest(self) -> Manifest | None:
+        """The store's manifest, checked against what is here: a store moved or copied from
+        where it was made (its artifact locations still point there), or one whose MLflow
+        database is gone while its studies' trials are still here, is a one-line error
+        saying what to do. None for a store without a manifest yet. (A study whose trial
+        journal alone is gone is refused by the search that opens it.)"""
+        manifest = Manifest.read(self.manifest_path)
+        if manifest is None:
+            return None
+        if manifest.root != str(self.root) and self.tracking_is_local:
+            raise ConfigError(
+                f"the store {self.root} was made in {manifest.root} and has been moved or copied"
+                " since: its MLflow artifact locations still point there; run `imgcls-hpo "
+                f"relocate --store {self.root}` once to point them here")
+        database = self.mlflow_db
+        trials_kept = self.journal_path.exists() or (self.root / "ray").exists()
+        if manifest.studies and database is not None and not database.exists() and trials_kept:
+            raise ConfigError(
+                f"the store {self.root} holds studies {', '.join(manifest.studies)} but its "
+                f"MLflow database {database.name} is missing while their trials are still here: "
+                "restore it from a backup, or search into a new --store")
+        return manifest
+
+    def record_study(self, name: str) -> None:
+        """Add study `name` to the manifest (written with this store's places). Called under
+        the store's lock, so processes starting together do not lose each other's studies."""
+        manifest = Manifest.read(self.manifest_path)
+        studies = set(manifest.studies) if manifest else set()
+        Manifest(STORE_FORMAT, str(self.root), mask_uri(self.tracking_uri),
+                 self.describe_storage(), tuple(sorted(studies | {name}))
+                 ).write(self.manifest_path)
 
     @property
     def checkpoint_dir(self) -> Path:

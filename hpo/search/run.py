@@ -50,6 +50,7 @@ def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None
     """What a search needs before its first trial, every check done first: the backend, the
     device a trial trains on if it trains in this process, the data, and the store."""
     store.check_writable()
+    store.check_manifest()  # moved, or its database gone: before any image is read
     backend = get_backend(spec.backend)
     backend.check(spec)  # a bad sampler or pruner fails before any image is read
     device = torch.device("cpu")
@@ -73,6 +74,7 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
         study = backend.open(spec, store)
         experiment_id = tracker.experiment(spec.name)
         _check_same_study(spec, store, study, tracker, experiment_id)
+        store.record_study(spec.name)
         run_id, changed = open_study_run(tracker, experiment_id, spec.name,
                                          study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data))
         study.set_attr(STUDY_RUN_ATTR, run_id)

@@ -90,8 +90,25 @@ def model_info(tracker: Tracker, uri: str) -> ModelInfo:
         except Exception as exc:
             raise ConfigError(f"cannot load the model {uri} from the tracking store "
                               f"{tracker.shown} ({first_line(exc)})") from None
-    return ModelInfo(uri, dict(info.flavors), dict(info.metadata or {}),
-                     info.artifact_path.rstrip("/"))
+        location = _files_location(info.model_uri) or info.artifact_path
+    return ModelInfo(uri, dict(info.flavors), dict(info.metadata or {}), location.rstrip("/"))
+
+
+def _files_location(model_uri: str) -> str | None:
+    """Where the files of `model_uri` lie now, as the tracking store says: not the MLmodel's
+    own `artifact_path`, which keeps the absolute path the model was logged at and is wrong
+    once the store has moved (`imgcls-hpo relocate` rewrites the store, not the files)."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    for scheme, repository in (("models:/", ModelsArtifactRepository),
+                               ("runs:/", RunsArtifactRepository)):
+        if model_uri.startswith(scheme):
+            try:
+                return str(repository.get_underlying_uri(model_uri))
+            except Exception:  # an MLflow that resolves it otherwise: the MLmodel's path
+                return None
+    return None
 
 
 def load_weights(tracker: Tracker, model: ModelInfo) -> dict[str, torch.Tensor]:

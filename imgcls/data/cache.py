@@ -47,8 +47,9 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 UNIFORM_STD = 2.0  # luminance standard deviation, on 0..255, below which an image is flat
 MAX_PLACEHOLDER_COLOURS = 64
 # An image with more pixels is refused before its pixels are read: a decompression bomb, or a
-# whole-slide scan that needs tiling first. PIL's own threshold, where it only warns.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# whole-slide scan that needs tiling first. The default of a study's `data.max_pixels` and of
+# predict, well below PIL's own threshold (89 Mpx, where it only warns) ...
+MAX_PIXELS = 50_000_000
 # ... so PIL's warning at opening one says nothing the refusal does not
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -58,8 +59,8 @@ def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     return decode(image, image_size, channels)[0]
 
 
-def decode(image: Image.Image, image_size: int, channels: int,
-           min_side: int | None = None) -> tuple[np.ndarray, str | None]:
+def decode(image: Image.Image, image_size: int, channels: int, min_side: int | None = None,
+           max_pixels: int | None = None) -> tuple[np.ndarray, str | None]:
     """An image as a (channels, size, size) uint8 array, and with `min_side` why it looks like a
     placeholder rather than a picture (None when it does not).
 
@@ -69,9 +70,11 @@ def decode(image: Image.Image, image_size: int, channels: int,
     lesser evil for classification.
     """
     stored_size = image.size
-    if stored_size[0] * stored_size[1] > MAX_PIXELS:
-        raise DataError(f"{stored_size[0]}x{stored_size[1]} pixels, over the {MAX_PIXELS:,} "
-                        "an image may have (a decompression bomb, or a scan to tile first)")
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if stored_size[0] * stored_size[1] > limit:
+        raise DataError(f"{stored_size[0]}x{stored_size[1]} pixels, over the {limit:,} an "
+                        "image may have (data.max_pixels; a decompression bomb, or a scan to "
+                        "tile first)")
     if image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, and YCbCr straight to luminance. Only that
         # mode change is asked for: a CMYK or grayscale JPEG keeps its mode and only scales.
@@ -131,8 +134,10 @@ def _placeholder(image: Image.Image, source_mode: str, stored_size: tuple[int, i
     return None
 
 
-def cache_key(catalog: Catalog, image_size: int, channels: int, min_side: int | None) -> str:
-    text = f"{catalog.fingerprint}:{image_size}:{channels}:{min_side}:{CACHE_FORMAT}"
+def cache_key(catalog: Catalog, image_size: int, channels: int, min_side: int | None,
+              max_pixels: int | None = None) -> str:
+    limit = "" if max_pixels in (None, MAX_PIXELS) else f":{max_pixels}"  # the refusals differ
+    text = f"{catalog.fingerprint}:{image_size}:{channels}:{min_side}{limit}:{CACHE_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -150,7 +155,7 @@ class Decoded:
 
 def load_images(source: Source, catalog: Catalog, image_size: int, channels: int,
                 cache_dir: Path | None = None, progress: Progress | None = None, *,
-                min_side: int | None = None) -> Decoded:
+                min_side: int | None = None, max_pixels: int | None = None) -> Decoded:
     """The decoded images of `catalog`, from the cache when it holds them, else decoded now.
 
     A file that fails to decode, or (with a `min_side`) looks like a placeholder, is recorded in
@@ -162,7 +167,7 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / (
-            f"{catalog.source}-{cache_key(catalog, image_size, channels, min_side)}"
+            f"{catalog.source}-{cache_key(catalog, image_size, channels, min_side, max_pixels)}"
             f"-{image_size}px-{channels}ch.npy"
         )
         _remove_dead_writers(path.parent)
@@ -183,7 +188,7 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
     def work(index: int) -> tuple[np.ndarray | None, str | None]:
         try:
             with source.load(index) as image:  # closes the file, which a multi-frame TIFF keeps
-                return decode(image, image_size, channels, min_side)
+                return decode(image, image_size, channels, min_side, max_pixels)
         except Exception as exc:  # any decoder error means the same thing: not a usable image
             return None, first_line(exc)
 

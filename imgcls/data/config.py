@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imgcls.data.cache import MAX_PIXELS
 from imgcls.data.sources import SOURCES, check_classes
 from imgcls.data.split import SPLITS
 from imgcls.errors import ConfigError
@@ -40,6 +41,9 @@ class DataConfig(BaseModel):
     # (not applied to array sources such as digits and npz, which hold no such files).
     check_placeholders: bool = True
     min_side: int = Field(16, ge=1)  # pixels: an image with a shorter side is a placeholder
+    # An image with more pixels is unusable, refused before it is decoded (a decompression
+    # bomb, or a whole-slide scan to tile first); predict applies the same default.
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
 
     @field_validator("source")
     @classmethod

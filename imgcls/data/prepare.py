@@ -65,7 +65,8 @@ def prepare_data(config: DataConfig, seed: int, cache_dir: Path | None = None,
     catalog = source.scan()
     check = config.check_placeholders and source.may_hold_placeholders
     decoded = load_images(source, catalog, config.image_size, config.channels, cache_dir,
-                          progress, min_side=config.min_side if check else None)
+                          progress, min_side=config.min_side if check else None,
+                          max_pixels=config.max_pixels)
     array = decoded.images
     skipped: tuple[str, ...] = ()
     if decoded.bad:
