@@ -4,6 +4,8 @@ spec's sampler and pruner."""
 
 from __future__ import annotations
 
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
 # (one row update); the grace outlasts a busy host's stalls.
 HEARTBEAT_S = 60
 HEARTBEAT_GRACE_S = 600
+# Opening an empty database that another process is filling with Optuna's tables: attempts,
+# and the first wait in seconds (doubled at each attempt, with jitter so they do not collide).
+CREATE_ATTEMPTS = 5
+CREATE_BACKOFF_S = 0.2
 
 
 # The extra that installs the driver of a database URL's scheme
@@ -66,16 +72,34 @@ def make_storage(store: Store) -> optuna.storages.BaseStorage:
                              f"{mask_secrets(first_line(exc), target)}") from None
     if target and "://" in target:
         try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(target, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=HEARTBEAT_GRACE_S)
+            return _rdb_storage(target)
         except Exception as exc:  # driver missing, server down, bad URL: all the user's to fix
             raise StudyError(f"cannot open the Optuna storage {mask_uri(target)}: "
                              f"{missing_driver(target, exc)}") from None
     path = Path(target).expanduser() if target else store.journal_path
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _rdb_storage(target: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `target`. Processes that open an empty database at the same
+    instant (machines started together) each create Optuna's tables, and all but one fail on
+    PostgreSQL's catalog (UniqueViolation on pg_type_typname_nsp_index, or a table that
+    already exists): those try again, after a short random wait, and find the tables made."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(target, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=HEARTBEAT_GRACE_S)
+        except (IntegrityError, ProgrammingError):
+            if attempt == CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(CREATE_BACKOFF_S * 2 ** attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
 
 
 def open_optuna_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
