@@ -14,6 +14,7 @@ only, accuracy of an empty set, kappa when chance agreement is 1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -28,6 +29,8 @@ Direction = Literal["max", "min"]
 SCORES: dict[str, Direction] = {
     "loss": "min", "log_loss": "min", "acc": "max", "bal_acc": "max", "f1": "max",
     "kappa": "max", "auc": "max", "sens": "max", "spec": "max",
+    # calibration of the probabilities a model serves (temperature-scaled), and before scaling
+    "ece": "min", "brier": "min", "ece_uncalibrated": "min", "brier_uncalibrated": "min",
 }
 # What a model and its training cost, and how fast it trained.
 COSTS: dict[str, Direction] = {
@@ -125,9 +128,90 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: i
     return {name: float(scores[name][0]) for name in names}
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How a two-class model turns probabilities into a class: `argmax` (threshold 0.5),
+    `youden` (the threshold maximising sensitivity + specificity - 1 on validation), or a
+    target `sens` / `spec` that validation must reach (`sens=0.95`)."""
+
+    kind: Literal["argmax", "youden", "sens", "spec"]
+    target: float | None = None  # the sensitivity or specificity wanted, for kind sens / spec
+
+    @classmethod
+    def parse(cls, text: str) -> OperatingPoint:
+        """ "argmax", "youden", "sens=0.95", "spec=0.9"; ConfigError naming the forms else."""
+        name, sep, value = text.strip().lower().partition("=")
+        if not sep and name in ("argmax", "youden"):
+            return cls(name)  # type: ignore[arg-type]
+        if sep and name in ("sens", "spec"):
+            try:
+                target = float(value)
+            except ValueError:
+                target = float("nan")
+            if 0 < target <= 1:
+                return cls(name, target)  # type: ignore[arg-type]
+        raise ConfigError(f"operating point {text!r}: use argmax, youden, sens=T or spec=T "
+                          "with T a share in (0, 1], such as sens=0.95")
+
+    def __str__(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}={self.target:g}"
+
+
+def check_operating_point(text: str, num_classes: int) -> OperatingPoint:
+    """The parsed point; a ConfigError when it needs a threshold and the task has more than
+    two classes (a threshold on one class's probability means nothing there)."""
+    point = OperatingPoint.parse(text)
+    if point.kind != "argmax" and num_classes != 2:
+        raise ConfigError(f"operating point {text!r} needs two classes but the data has "
+                          f"{num_classes}; use argmax")
+    return point
+
+
+def choose_threshold(y_true: np.ndarray, probs: np.ndarray, point: OperatingPoint,
+                     positive: int = 1) -> float | None:
+    """The probability of class `positive` at or above which a two-class model predicts it,
+    chosen on validation labels and probabilities (N, 2); None for `argmax`.
+
+    Candidates are the distinct scores seen (and one above the highest: predict nothing
+    positive). `youden` takes the one with the highest sens + spec (the highest threshold on
+    ties, fewer false alarms); `sens=T` the highest threshold whose sensitivity is at least T;
+    `spec=T` the lowest whose specificity is at least T. With one class only in `y_true` the
+    point is undefined and the result is 0.5, today's argmax.
+    """
+    if point.kind == "argmax":
+        return None
+    y, p = _check_inputs(y_true, probs, 2, positive)
+    score, is_pos = p[:, positive].astype(np.float64), y == positive
+    if is_pos.all() or not is_pos.any():
+        return 0.5
+    candidates = np.append(np.unique(score), np.nextafter(score.max(), np.inf))
+    predicted = score[None, :] >= candidates[:, None]  # (T, N)
+    sens = (predicted & is_pos).sum(1) / is_pos.sum()
+    spec = (~predicted & ~is_pos).sum(1) / (~is_pos).sum()
+    if point.kind == "youden":
+        j = sens + spec
+        return float(candidates[np.flatnonzero(j == j.max())[-1]])
+    if point.kind == "sens":
+        return float(candidates[np.flatnonzero(sens >= point.target)[-1]])
+    reached = np.flatnonzero(spec >= point.target)  # the top candidate has spec 1: never empty
+    return float(candidates[reached[0]])
+
+
+def decide(probs: np.ndarray, threshold: float | None = None, positive: int = 1) -> np.ndarray:
+    """Predicted class per row of probabilities (N, K): the most probable one, or for two
+    classes with a `threshold`, `positive` where its probability is at or above it."""
+    p = np.asarray(probs)
+    if threshold is None:
+        return p.argmax(1)
+    if p.shape[1] != 2:
+        raise ValueError(f"a decision threshold needs two classes, not {p.shape[1]}")
+    return np.where(p[:, positive] >= threshold, positive, 1 - positive)
+
+
 def test_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int, *,
                  prefix: str = "test", n_boot: int = 1000, confidence: float = 0.95,
-                 seed: int = 0, positive: int = 1) -> dict[str, float]:
+                 seed: int = 0, positive: int = 1, threshold: float | None = None
+                 ) -> dict[str, float]:
     """Held-out scores with percentile-bootstrap confidence intervals.
 
     Point estimates `<prefix>_acc`, `_bal_acc`, `_f1`, `_kappa` (Cohen's), `_log_loss` (nats
@@ -137,7 +221,9 @@ def test_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int, *,
     row b of `np.random.default_rng(seed).integers(0, N, (n_boot, N))`. Resamples where a
     metric is undefined (say, AUC with one class drawn) are left out of that metric's
     interval, and an interval with no defined resample is NaN. `n_boot=0` gives point
-    estimates only.
+    estimates only. With a `threshold` (two classes), the class-decision metrics (acc, bal_acc,
+    f1, kappa, sens, spec) are taken at it, as `decide` predicts; auc and log_loss do not
+    depend on it.
     """
     if not 0 < confidence < 1:
         raise ConfigError(f"bootstrap confidence {confidence} is not between 0 and 1; "
@@ -149,7 +235,7 @@ def test_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int, *,
     n, k = len(y), num_classes
     names = ["acc", "bal_acc", "f1", "kappa", "log_loss", "auc"]
     names += ["sens", "spec"] if k == 2 else []
-    pair = y * k + p.argmax(1)
+    pair = y * k + decide(p, threshold, positive)
     losses = _image_log_losses(y, p)
 
     def scores(counts: np.ndarray, cm: np.ndarray) -> dict[str, np.ndarray]:
@@ -276,3 +362,101 @@ def _ranked_auc(score: np.ndarray, is_positive: np.ndarray, counts: np.ndarray) 
     pairs = pos_counts.sum(1) * cum[:, -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+# Temperatures fit_temperature searches, as 1/T: from T = 0.25 to T = 100. Sharpening is capped
+# at 4x: over-confident networks need T > 1 (Guo et al. find 1 to 3), and a T far below 1 comes
+# from a validation split too small or too easy to say more than "the model is right here".
+_INVERSE_TEMPERATURE_RANGE = (0.01, 4.0)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax probabilities (N, K) rescaled as if the logits had been divided by
+    `temperature`: log-probabilities are logits up to a per-row constant, which the softmax
+    removes, so the probabilities alone suffice. The argmax never changes."""
+    p = np.asarray(probs, dtype=np.float64)
+    logits = np.log(np.clip(p, np.finfo(np.float64).tiny, None)) / temperature
+    logits -= logits.max(1, keepdims=True) if len(p) else 0.0
+    out = np.exp(logits)
+    return out / out.sum(1, keepdims=True)
+
+
+def fit_temperature(y_true: np.ndarray, probs: np.ndarray, iterations: int = 60) -> float:
+    """The temperature T minimising the mean negative log-likelihood of the labels under
+    `apply_temperature(probs, T)`: temperature scaling (Guo et al. 2017), fitted on
+    validation. The NLL is convex in 1/T, so a golden-section search over log(1/T) finds the
+    minimum to ~1e-9 relative in `iterations` steps. No images, or every image's top class
+    right: 1.0, since the NLL then falls without end as T shrinks and there is nothing to fit."""
+    y = np.asarray(y_true).astype(np.int64, copy=False).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if not len(y) or (p.argmax(1) == y).all():
+        return 1.0
+    logp = np.log(np.clip(p, np.finfo(np.float64).tiny, None))
+
+    def nll(log_beta: float) -> float:
+        z = logp * np.exp(log_beta)
+        top = z.max(1)
+        normaliser = top + np.log(np.exp(z - top[:, None]).sum(1))
+        return float(np.mean(normaliser - z[np.arange(len(y)), y]))
+
+    low, high = np.log(_INVERSE_TEMPERATURE_RANGE)
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(a), nll(b)
+    for _ in range(iterations):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(b)
+    return float(1 / np.exp((low + high) / 2))
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Top-label reliability in equal-width confidence bins: what a reliability diagram shows
+    and what the expected calibration error sums. Empty bins hold NaN confidence and accuracy."""
+
+    edges: np.ndarray  # (B + 1,) bin edges over [0, 1]
+    confidence: np.ndarray  # (B,) mean top probability of the images in each bin
+    accuracy: np.ndarray  # (B,) share of them whose top class is the true one
+    counts: np.ndarray  # (B,) images per bin
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: the count-weighted mean |accuracy - confidence|."""
+        n = self.counts.sum()
+        if not n:
+            return float("nan")
+        gaps = np.where(self.counts > 0, np.abs(self.accuracy - self.confidence), 0.0)
+        return float((self.counts * gaps).sum() / n)
+
+
+def reliability(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> Reliability:
+    """Each image falls in the bin of its top probability (a bin holds (low, high], the first
+    also 0); 15 bins as in Guo et al., so values compare with the literature."""
+    y = np.asarray(y_true).astype(np.int64, copy=False).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    top = p.max(1) if len(p) else np.zeros(0)
+    hit = (p.argmax(1) == y).astype(np.float64) if len(p) else np.zeros(0)
+    which = np.clip(np.searchsorted(edges, top, side="left") - 1, 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        confidence = np.bincount(which, weights=top, minlength=bins) / counts
+        accuracy = np.bincount(which, weights=hit, minlength=bins) / counts
+    return Reliability(edges, confidence, accuracy, counts)
+
+
+def calibration_scores(y_true: np.ndarray, probs: np.ndarray, prefix: str) -> dict[str, float]:
+    """`<prefix>_ece` (15 bins, top label) and `<prefix>_brier`: the multi-class Brier score,
+    the mean over images of sum_k (p_k - [y = k])^2 (0 best, 2 worst; for two classes twice
+    scikit-learn's binary brier_score_loss)."""
+    y = np.asarray(y_true).astype(np.int64, copy=False).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(p.shape[1])[y] if len(y) else np.zeros_like(p)
+    brier = float(((p - onehot) ** 2).sum(1).mean()) if len(y) else float("nan")
+    return {f"{prefix}_ece": reliability(y, p).ece, f"{prefix}_brier": brier}

@@ -26,7 +26,7 @@ import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -40,8 +40,18 @@ from imgcls.data.cache import Progress, to_array
 from imgcls.data.prepare import PreparedData
 from imgcls.data.sources import IMAGE_EXTENSIONS, images_below, listing
 from imgcls.errors import ConfigError, DataError, first_line
+from imgcls.metrics import decide
 from imgcls.models.build import build_model
 from imgcls.report import write_predictions
+from imgcls.uncertainty import (
+    Sampling,
+    dropout_layers,
+    entropy_ranks,
+    flip_views,
+    mc_dropout,
+    predictive_entropy,
+    sample_probabilities,
+)
 
 __all__ = [
     "UNKNOWN", "ImageInput", "Prediction", "Predictor", "Preprocessing", "image_files",
@@ -65,6 +75,17 @@ class Preprocessing:
     normalize: str  # where mean/std came from: "train" (training split) or "imagenet"
     mean: tuple[float, ...]  # per channel, on the 0..1 scale
     std: tuple[float, ...]  # per channel, on the 0..1 scale
+    # Two classes: the probability of classes[1] at or above which it is predicted, chosen by
+    # the study's operating point on validation; None: the most probable class (argmax)
+    decision_threshold: float | None = None
+    # What the logits are divided by before the softmax: temperature scaling fitted on
+    # validation, so that the probabilities served mean what they say; 1: as trained
+    temperature: float = 1.0
+    # How the model was trained, for uncertainty when predicting: its dropout rate (sampled by
+    # MC-dropout) and flip probabilities (the views of flip TTA); 0 in metadata without them
+    dropout: float = 0.0
+    hflip: float = 0.0
+    vflip: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes) \
@@ -80,12 +101,18 @@ class Preprocessing:
                               f"values for {self.channels} channel(s); give one per channel")
         if not all(s > 0 for s in self.std):
             raise ConfigError(f"preprocessing std {list(self.std)} must be positive")
+        if self.decision_threshold is not None and len(self.classes) != 2:
+            raise ConfigError(f"a decision threshold needs two classes, not {len(self.classes)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"preprocessing temperature must be positive, not "
+                              f"{self.temperature}")
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Preprocessing:
         """From the `imgcls` metadata dict a model was logged with. Other keys are ignored, so
         that metadata written by a later version still reads."""
-        missing = [f.name for f in fields(cls) if f.name not in metadata]
+        missing = [f.name for f in fields(cls)
+                   if f.name not in metadata and f.default is MISSING]
         if missing:
             raise ConfigError(f"model metadata lacks {', '.join(missing)} (found: "
                               f"{', '.join(map(str, metadata)) or 'nothing'}); it must be the "
@@ -99,23 +126,36 @@ class Preprocessing:
                 normalize=str(metadata["normalize"]),
                 mean=tuple(float(v) for v in metadata["mean"]),
                 std=tuple(float(v) for v in metadata["std"]),
+                decision_threshold=None if metadata.get("decision_threshold") is None
+                else float(metadata["decision_threshold"]),
+                temperature=float(metadata.get("temperature", 1.0)),
+                dropout=float(metadata.get("dropout", 0.0)),
+                hflip=float(metadata.get("hflip", 0.0)),
+                vflip=float(metadata.get("vflip", 0.0)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model metadata has a bad value ({first_line(exc)}); it must be "
                               "the 'imgcls' dict a trial logs with its model") from None
 
     @classmethod
-    def from_data(cls, data: PreparedData, arch: str) -> Preprocessing:
+    def from_data(cls, data: PreparedData, arch: str,
+                  decision_threshold: float | None = None) -> Preprocessing:
         """The preprocessing that `data` feeds a model built as `arch`."""
         config = data.config
         return cls(arch, tuple(data.classes), config.image_size, config.channels,
-                   config.normalize, tuple(data.mean), tuple(data.std))
+                   config.normalize, tuple(data.mean), tuple(data.std), decision_threshold)
 
     def to_metadata(self) -> dict[str, Any]:
         """Plain JSON/YAML data (lists, not tuples: YAML's safe dumper refuses tuples)."""
         return {"arch": self.arch, "classes": list(self.classes), "image_size": self.image_size,
                 "channels": self.channels, "normalize": self.normalize,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std),
+                "decision_threshold": self.decision_threshold, "temperature": self.temperature,
+                "dropout": self.dropout, "hflip": self.hflip, "vflip": self.vflip}
+
+    def trained_with(self, dropout: float, hflip: float, vflip: float) -> Preprocessing:
+        """This preprocessing, recording the training settings that uncertainty reuses."""
+        return replace(self, dropout=dropout, hflip=hflip, vflip=vflip)
 
 
 @dataclass(frozen=True)
@@ -127,6 +167,8 @@ class Prediction:
     probability: float | None  # the top class probability; None when unreadable
     probabilities: dict[str, float]  # every class's, in the model's order; empty when unreadable
     error: str | None = None  # one line: why the file could not be read
+    entropy: float | None = None  # predictive entropy in nats, with uncertainty asked for
+    entropy_rank: int | None = None  # 1 = the least sure readable image of the call
 
     @property
     def readable(self) -> bool:
@@ -151,9 +193,10 @@ class Predictor:
                         preprocessing: Preprocessing,
                         device: torch.device | str = "cpu") -> Predictor:
         """Rebuild `preprocessing.arch` for its classes, channels and image size and load the
-        weights strictly. Dropout is 0: it does nothing in eval mode and has no weights."""
+        weights strictly. Dropout is the rate trained with: it does nothing in eval mode and has
+        no weights, but MC-dropout samples at that rate."""
         p = preprocessing
-        model = build_model(p.arch, len(p.classes), p.channels, 0.0, p.image_size)
+        model = build_model(p.arch, len(p.classes), p.channels, p.dropout, p.image_size)
         expected = model.state_dict()
         problems = [f"missing {key}" for key in expected if key not in state_dict]
         problems += [f"unexpected {key}" for key in state_dict if key not in expected]
@@ -194,42 +237,86 @@ class Predictor:
 
     def predict_files(self, paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *,
                       batch_size: int = 32, threshold: float | None = None,
-                      progress: Progress | None = None) -> list[Prediction]:
+                      progress: Progress | None = None, sampling: Sampling | None = None,
+                      max_entropy: float | None = None) -> list[Prediction]:
         """A prediction for every image file in `paths` (files, or folders searched recursively),
         in order. Files are decoded and classified `batch_size` at a time, so memory stays flat
-        however many there are; `progress(done, total)` is called after each batch."""
+        however many there are; `progress(done, total)` is called after each batch.
+
+        With `sampling` (MC-dropout, flip TTA) the probabilities are the mean over the samples;
+        with it or `max_entropy` every readable image gets its predictive entropy and rank, and
+        one above `max_entropy` (nats) is "unknown" as one below `threshold` is."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
-        if threshold is not None:
-            if not 0 <= threshold <= 1:
-                raise ConfigError(f"threshold must be a probability in [0, 1], not {threshold}")
-            if UNKNOWN in self.classes:
-                raise ConfigError(f"the model has a class named {UNKNOWN!r}, so a threshold's "
-                                  f"{UNKNOWN!r} would be ambiguous; predict without a threshold")
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ConfigError(f"threshold must be a probability in [0, 1], not {threshold}")
+        if max_entropy is not None and not max_entropy >= 0:
+            raise ConfigError(f"max_entropy must be a non-negative entropy in nats, "
+                              f"not {max_entropy}")
+        if (threshold is not None or max_entropy is not None) and UNKNOWN in self.classes:
+            raise ConfigError(f"the model has a class named {UNKNOWN!r}, so a threshold's "
+                              f"{UNKNOWN!r} would be ambiguous; predict without a threshold")
+        if sampling is not None:
+            self.check_sampling(sampling)
         files = image_files(paths)
         predictions: list[Prediction] = []
-        # PIL releases the GIL while decoding and resizing, so threads use every core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        uncertain = sampling is not None or max_entropy is not None
+        # PIL releases the GIL while decoding and resizing, so threads use every core; the
+        # dropout masks come from a generator seeded once, outside of which nothing changes.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, self._seeded(sampling):
             for start in range(0, len(files), batch_size):
                 chunk = files[start:start + batch_size]
                 decoded = list(pool.map(self._try_decode, chunk))
                 arrays = [array for array, _ in decoded if array is not None]
-                rows = iter(self._probabilities(np.stack(arrays), batch_size) if arrays else [])
+                rows = iter(self._probabilities(np.stack(arrays), batch_size, sampling)
+                            if arrays else [])
                 for file, (array, error) in zip(chunk, decoded, strict=True):
                     if array is None:
                         predictions.append(Prediction(str(file), None, None, {}, error))
                     else:
-                        predictions.append(self._prediction(str(file), next(rows), threshold))
+                        predictions.append(self._prediction(str(file), next(rows), threshold,
+                                                            max_entropy, uncertain))
                 if progress is not None:
                     progress(start + len(chunk), len(files))
-        return predictions
+        return with_entropy_ranks(predictions) if uncertain else predictions
 
-    def _prediction(self, file: str, probs: np.ndarray, threshold: float | None) -> Prediction:
-        top = int(probs.argmax())
+    def check_sampling(self, sampling: Sampling) -> None:
+        """ConfigError when `sampling` asks for what this model cannot vary: MC-dropout without a
+        dropout layer above rate 0, or TTA without a flip it trained with."""
+        p = self.preprocessing
+        if sampling.passes > 1 and not dropout_layers(self.model):
+            raise ConfigError(f"MC-dropout needs dropout, and this {p.arch} has none (trained "
+                              f"with dropout {p.dropout:g}); predict without --mc-dropout, or "
+                              "promote a trial that searched dropout > 0")
+        if sampling.tta and len(flip_views(p.hflip, p.vflip)) == 1:
+            raise ConfigError(f"TTA uses the flips the model trained with, and this {p.arch} "
+                              "trained with none (hflip = vflip = 0); predict without --tta")
+
+    def _seeded(self, sampling: Sampling | None) -> contextlib.AbstractContextManager[Any]:
+        """The global RNG forked and seeded for `sampling`'s dropout masks, restored after."""
+        if sampling is None or sampling.passes == 1:
+            return contextlib.nullcontext()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        forked = contextlib.ExitStack()
+        forked.enter_context(torch.random.fork_rng(devices=devices))
+        torch.manual_seed(sampling.seed)
+        return forked
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """The predicted class index per row of probabilities (N, K): at the model's decision
+        threshold when it has one, else the most probable class."""
+        return decide(probs, self.preprocessing.decision_threshold)
+
+    def _prediction(self, file: str, probs: np.ndarray, threshold: float | None,
+                    max_entropy: float | None = None, uncertain: bool = False) -> Prediction:
+        top = int(self.decide(probs[None])[0])
         probability = float(probs[top])
+        entropy = float(predictive_entropy(probs[None])[0]) if uncertain else None
         below = threshold is not None and probability < threshold
-        return Prediction(file, UNKNOWN if below else self.classes[top], probability,
-                          {c: float(v) for c, v in zip(self.classes, probs, strict=True)})
+        unsure = max_entropy is not None and entropy is not None and entropy > max_entropy
+        return Prediction(file, UNKNOWN if below or unsure else self.classes[top], probability,
+                          {c: float(v) for c, v in zip(self.classes, probs, strict=True)},
+                          entropy=entropy)
 
     def _decode(self, image: ImageInput) -> np.ndarray:
         """uint8 (C, S, S), through the decoder the training cache uses."""
@@ -269,19 +356,40 @@ class Predictor:
         return Batches(torch.from_numpy(arrays), torch.zeros(n, dtype=torch.long),
                        batch_size or n, train=False, mean=p.mean, std=p.std, device=self.device)
 
-    def _probabilities(self, arrays: np.ndarray, batch_size: int) -> np.ndarray:
+    def _probabilities(self, arrays: np.ndarray, batch_size: int,
+                       sampling: Sampling | None = None) -> np.ndarray:
+        """(N, K) probabilities; with `sampling`, the mean over its passes and views."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
-        k = len(self.classes)
+        sampling = sampling or Sampling()
+        p = self.preprocessing
+        views = flip_views(p.hflip, p.vflip) if sampling.tta else [()]
+        modes = mc_dropout(self.model) if sampling.passes > 1 else contextlib.nullcontext()
         out: list[torch.Tensor] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), modes:
             for x, _ in self._batches(arrays, batch_size):
-                logits = self.model(x)
-                if logits.ndim != 2 or logits.shape[1] != k:
-                    raise ConfigError(f"the model gives outputs of shape {tuple(logits.shape)} "
-                                      f"for {k} classes; its preprocessing does not belong to it")
-                out.append(logits.float().softmax(dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, k), dtype=np.float32)
+                samples = sample_probabilities(self._logits, x, sampling.passes, views)
+                out.append(samples.mean(dim=0).cpu())
+        return (torch.cat(out).numpy() if out
+                else np.zeros((0, len(self.classes)), dtype=np.float32))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        k = len(self.classes)
+        if logits.ndim != 2 or logits.shape[1] != k:
+            raise ConfigError(f"the model gives outputs of shape {tuple(logits.shape)} "
+                              f"for {k} classes; its preprocessing does not belong to it")
+        return logits / self.preprocessing.temperature
+
+
+def with_entropy_ranks(predictions: Sequence[Prediction]) -> list[Prediction]:
+    """`predictions` with entropy_rank set among the readable ones (1 = highest entropy)."""
+    scored = [i for i, p in enumerate(predictions) if p.entropy is not None]
+    ranks = entropy_ranks(np.array([predictions[i].entropy for i in scored], dtype=np.float64))
+    out = list(predictions)
+    for i, rank in zip(scored, ranks, strict=True):
+        out[i] = replace(out[i], entropy_rank=int(rank))
+    return out
 
 
 def _describe(image: ImageInput, index: int) -> str:
@@ -323,9 +431,9 @@ def image_files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]
 
 def write_csv(predictions: Sequence[Prediction], path: str | Path,
               classes: Sequence[str]) -> Path:
-    """One row per prediction: file, prediction, probability, p_<class> per class, error.
-    Probabilities to 6 decimals; an unreadable file has empty prediction and probability cells
-    and its reason under error."""
+    """One row per prediction: file, prediction, probability, p_<class> per class, (entropy,
+    entropy_rank, when the predictions have them), error. Probabilities to 6 decimals; an
+    unreadable file has empty prediction and probability cells and its reason under error."""
     names = [str(c) for c in classes]
     probs = np.full((len(predictions), len(names)), np.nan)
     for i, p in enumerate(predictions):
@@ -337,12 +445,22 @@ def write_csv(predictions: Sequence[Prediction], path: str | Path,
         probs[i] = [p.probabilities[c] for c in names]
     return write_predictions(path, [p.file for p in predictions], probs, names,
                              predictions=[p.prediction for p in predictions],
-                             errors=[p.error for p in predictions])
+                             errors=[p.error for p in predictions],
+                             extra=_uncertainty_columns(predictions))
+
+
+def _uncertainty_columns(predictions: Sequence[Prediction]
+                         ) -> dict[str, list[float | int | None]] | None:
+    if all(p.entropy is None for p in predictions):
+        return None
+    return {"entropy": [p.entropy for p in predictions],
+            "entropy_rank": [p.entropy_rank for p in predictions]}
 
 
 def summary(predictions: Sequence[Prediction]) -> dict[str, Any]:
     """Counts: images, predictions per class (every class, zero included; "unknown" counted
-    apart), unknown, unreadable. The classes come from the readable predictions."""
+    apart), unknown, unreadable; with entropies, their mean and maximum and the bound log K.
+    The classes come from the readable predictions."""
     classes: dict[str, int] = {}
     for p in predictions:
         if p.readable:
@@ -356,5 +474,10 @@ def summary(predictions: Sequence[Prediction]) -> dict[str, Any]:
             unknown += 1
         elif p.prediction is not None:
             classes[p.prediction] += 1
-    return {"images": len(predictions), "classes": classes, "unknown": unknown,
-            "unreadable": unreadable}
+    counts: dict[str, Any] = {"images": len(predictions), "classes": classes,
+                              "unknown": unknown, "unreadable": unreadable}
+    entropies = [p.entropy for p in predictions if p.entropy is not None]
+    if entropies:
+        counts["entropy"] = {"mean": float(np.mean(entropies)), "max": float(np.max(entropies)),
+                             "bound": float(np.log(len(classes)))}
+    return counts

@@ -13,7 +13,7 @@ measurement, since they cannot push a label off the figure.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from imgcls.metrics import Reliability
 
 # (panel title, y label, history keys) of the learning-curve panels, left to right.
 CURVE_PANELS = (
@@ -102,6 +104,26 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], posi
     return fig
 
 
+def plot_reliability(curves: Mapping[str, Reliability], title: str = "") -> Figure:
+    """A reliability diagram: accuracy against mean confidence per bin (its data:
+    imgcls.metrics.reliability), one line per labelled curve with its ECE, over the diagonal
+    a calibrated model follows; empty bins are left out."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        filled = curve.counts > 0
+        ax.plot(curve.confidence[filled], curve.accuracy[filled], marker="o",
+                label=f"{label} (ECE {curve.ece:.3f})")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="mean top probability in the bin",
+           ylabel="share correct in the bin", title=title, aspect="equal")
+    ax.legend(loc="upper left", fontsize=8).set_in_layout(False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_confusion_matrix(matrix: np.ndarray, classes: tuple[str, ...] | list[str],
                           title: str = "") -> Figure:
     """Counts per (true, predicted) class, shaded by each true class's share."""
@@ -147,18 +169,21 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: Sequen
 def write_predictions(path: str | Path, files: Sequence[str | Path], probs: np.ndarray,
                       classes: Sequence[str], *, labels: np.ndarray | None = None,
                       predictions: Sequence[str | None] | None = None,
-                      errors: Sequence[str | None] | None = None) -> Path:
+                      errors: Sequence[str | None] | None = None,
+                      extra: Mapping[str, Sequence[float | int | None]] | None = None) -> Path:
     """One CSV row per image: `file`, `label` (the true class, with `labels`), `prediction` (the
     most probable class, unless `predictions` says otherwise: "unknown" below a threshold),
-    `probability` (of the most probable class), `p_<class>` per class, to 6 decimals, and
-    `error` (with `errors`). A row of NaN probabilities is an image that could not be read: its
-    prediction and probability cells are empty."""
+    `probability` (of the most probable class), `p_<class>` per class, to 6 decimals, a column
+    per `extra` name (e.g. an uncertainty; None is an empty cell), and `error` (with `errors`).
+    A row of NaN probabilities is an image that could not be read: its prediction and
+    probability cells are empty."""
     p = np.asarray(probs, dtype=np.float64)
     n = len(files)
     if p.size == 0:  # no images: an empty table with its header
         p = p.reshape(0, len(classes))
     if p.shape != (n, len(classes)) or any(
-            extra is not None and len(extra) != n for extra in (labels, predictions, errors)):
+            column is not None and len(column) != n
+            for column in (labels, predictions, errors, *(extra or {}).values())):
         given = "no" if labels is None else len(labels)
         raise ValueError(f"{n} ids, {given} labels and probs of shape {np.shape(probs)} for "
                          f"{len(classes)} classes do not match")
@@ -166,7 +191,8 @@ def write_predictions(path: str | Path, files: Sequence[str | Path], probs: np.n
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [str(c) for c in classes]
     header = ["file", *(["label"] if labels is not None else []), "prediction", "probability",
-              *(f"p_{c}" for c in names), *(["error"] if errors is not None else [])]
+              *(f"p_{c}" for c in names), *(extra or {}),
+              *(["error"] if errors is not None else [])]
     with path.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(header)
@@ -177,8 +203,16 @@ def write_predictions(path: str | Path, files: Sequence[str | Path], probs: np.n
             cells = ([chosen or "", f"{row.max():.6f}", *(f"{v:.6f}" for v in row)] if readable
                      else ["", "", *([""] * len(names))])
             error = [] if errors is None else [errors[i] or ""]
-            out.writerow([str(files[i]), *label, *cells, *error])
+            more = [_cell(column[i]) for column in (extra or {}).values()]
+            out.writerow([str(files[i]), *label, *cells, *more, *error])
     return path
+
+
+def _cell(value: float | int | None) -> str:
+    """A CSV cell: empty for None, 6 decimals for a float, an integer as is."""
+    if value is None:
+        return ""
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
 def _plain(value: Any) -> Any:

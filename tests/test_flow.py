@@ -74,6 +74,19 @@ def test_search_results_promote_predict_explain(study_file: Path, image_folder: 
     with predictions.open() as f:
         assert {r["prediction"] for r in csv.DictReader(f) if not r["error"]} == {"unknown"}
 
+    # uncertainty: MC-dropout (the tiny study searches dropout > 0) and the flips it trained
+    # with give an entropy and rank per image, the same for the same seed
+    runs = []
+    for seed in ("3", "3", "4"):
+        out = _ok("predict", "tiny", str(image_folder), "--mc-dropout", "5", "--tta",
+                  "--seed", seed, "--out", str(predictions), "--store", store)
+        assert "entropy mean" in out
+        with predictions.open() as f:
+            runs.append([r for r in csv.DictReader(f) if not r["error"]])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert sorted(int(r["entropy_rank"]) for r in runs[0]) == list(range(1, 21))
+    assert all(0 <= float(r["entropy"]) <= 0.6932 for r in runs[0])
+
     # explain: one Grad-CAM overlay per readable image, and the t-SNE map with --embed
     overlays = tmp_path / "explain"
     _ok("explain", "tiny", str(image_folder), "--out", str(overlays), "--embed",

@@ -174,3 +174,141 @@ def test_bootstrap_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="n_boot=-1 is negative"):
         metrics.test_metrics(y, p, 2, n_boot=-1)
 
+
+
+def _ranked_but_shifted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 1:9 imbalanced two-class set whose scores rank well (AUC ~0.98) but whose positives
+    mostly score below 0.5: the argmax misses most of them."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.1).astype(np.int64)
+    logit = np.where(y == 1, rng.normal(-1.0, 1.0, n), rng.normal(-4.0, 1.0, n))
+    p1 = 1 / (1 + np.exp(-logit))
+    return y, np.stack([1 - p1, p1], axis=1)
+
+
+def test_a_sensitivity_target_chosen_on_validation_holds_on_test() -> None:
+    y_val, p_val = _ranked_but_shifted(3000, seed=1)
+    y_test, p_test = _ranked_but_shifted(3000, seed=2)
+    threshold = metrics.choose_threshold(y_val, p_val, metrics.OperatingPoint.parse("sens=0.95"))
+    assert threshold is not None and threshold < 0.5
+    scores = metrics.test_metrics(y_test, p_test, 2, threshold=threshold, n_boot=300)
+    assert scores["test_sens_ci_low"] <= 0.95 <= scores["test_sens_ci_high"]
+    assert metrics.test_metrics(y_test, p_test, 2, n_boot=0)["test_sens"] < 0.5  # argmax: missed
+
+
+def test_youden_improves_balanced_accuracy_over_argmax() -> None:
+    y_val, p_val = _ranked_but_shifted(3000, seed=3)
+    y_test, p_test = _ranked_but_shifted(3000, seed=4)
+    threshold = metrics.choose_threshold(y_val, p_val, metrics.OperatingPoint.parse("youden"))
+    at_point = metrics.test_metrics(y_test, p_test, 2, threshold=threshold, n_boot=0)
+    at_argmax = metrics.test_metrics(y_test, p_test, 2, n_boot=0)
+    assert at_point["test_bal_acc"] > at_argmax["test_bal_acc"] + 0.2
+    assert at_point["test_auc"] == at_argmax["test_auc"]  # threshold-free
+
+
+def test_a_threshold_meets_its_target_on_the_data_it_was_chosen_on() -> None:
+    y, p = _ranked_but_shifted(500, seed=5)
+    for text, name in (("sens=0.9", "sens"), ("spec=0.8", "spec")):
+        point = metrics.OperatingPoint.parse(text)
+        threshold = metrics.choose_threshold(y, p, point)
+        reached = metrics.test_metrics(y, p, 2, threshold=threshold, n_boot=0)[f"test_{name}"]
+        assert reached >= point.target
+    assert metrics.choose_threshold(y, p, metrics.OperatingPoint.parse("argmax")) is None
+    assert list(metrics.decide(p, 0.3)) == list((p[:, 1] >= 0.3).astype(int))
+
+
+@pytest.mark.parametrize("text", ["sens", "sens=0", "spec=1.5", "sens=abc", "median"])
+def test_a_bad_operating_point_is_a_one_line_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="operating point") as info:
+        metrics.OperatingPoint.parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_a_threshold_operating_point_needs_two_classes() -> None:
+    assert str(metrics.check_operating_point("sens=0.95", 2)) == "sens=0.95"
+    assert metrics.check_operating_point("argmax", 5).kind == "argmax"
+    with pytest.raises(ConfigError, match="needs two classes"):
+        metrics.check_operating_point("youden", 3)
+
+
+def _over_confident(n: int, seed: int, sharpen: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from calibrated 3-class probabilities, reported with logits `sharpen`
+    times too large: an over-confident model whose true temperature is `sharpen`."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, 3))
+    calibrated = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in calibrated])
+    sharp = np.exp(logits * sharpen)
+    return y, sharp / sharp.sum(1, keepdims=True)
+
+
+def test_temperature_scaling_undoes_over_confidence() -> None:
+    y, p = _over_confident(4000, seed=0)
+    temperature = metrics.fit_temperature(y, p)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    scaled = metrics.apply_temperature(p, temperature)
+    np.testing.assert_array_equal(scaled.argmax(1), p.argmax(1))  # no decision changes
+    before = metrics.calibration_scores(y, p, "val")
+    after = metrics.calibration_scores(y, scaled, "val")
+    assert after["val_ece"] < before["val_ece"] / 3
+    assert after["val_brier"] < before["val_brier"]
+    assert sk.log_loss(y, scaled) < sk.log_loss(y, p)
+    y_test, p_test = _over_confident(2000, seed=1)  # fitted on one set, better on another
+    assert metrics.calibration_scores(y_test, metrics.apply_temperature(p_test, temperature),
+                                      "test")["test_ece"] < \
+        metrics.calibration_scores(y_test, p_test, "test")["test_ece"]
+    assert metrics.fit_temperature(np.zeros(0, int), np.zeros((0, 3))) == 1.0
+
+
+def test_calibration_scores_match_their_definitions() -> None:
+    y, p = scored(300, 2, seed=4)
+    scores = metrics.calibration_scores(y, p, "val")
+    assert scores["val_brier"] == pytest.approx(2 * sk.brier_score_loss(y, p[:, 1]))
+    curve = metrics.reliability(y, p, bins=10)
+    assert curve.counts.sum() == 300 and len(curve.edges) == 11
+    top, hit = p.max(1), p.argmax(1) == y
+    which = np.minimum((top * 10).astype(int) - (top * 10 == (top * 10).astype(int)), 9)
+    expected = sum(abs(hit[which == b].mean() - top[which == b].mean()) * (which == b).sum()
+                   for b in range(10) if (which == b).any()) / 300
+    assert curve.ece == pytest.approx(expected)
+    assert metrics.metric_goal("test_ece") == "min"
+    assert metrics.metric_goal("val_brier_uncalibrated") == "min"
+
+
+def test_temperature_scaling_lowers_the_validation_ece_of_a_model_trained_to_over_fit() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def noisy(n: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Two Gaussian classes with 25% of the labels flipped: no model can be sure."""
+        y = rng.integers(0, 2, n)
+        x = rng.normal(0, 1, (n, 10)) + y[:, None] * 1.0
+        flipped = np.where(rng.random(n) < 0.25, 1 - y, y)
+        return torch.tensor(x, dtype=torch.float32), flipped
+
+    x_train, y_train = noisy(100)
+    x_val, y_val = noisy(1000)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(500):  # memorises its 100 noisy labels: confident far beyond its accuracy
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_train), torch.tensor(y_train)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        probs = torch.softmax(model(x_val), 1).numpy()
+    temperature = metrics.fit_temperature(y_val, probs)
+    assert temperature > 1.5  # over-confident: the logits are shrunk
+    before = metrics.calibration_scores(y_val, probs, "val")["val_ece"]
+    after = metrics.calibration_scores(y_val, metrics.apply_temperature(probs, temperature),
+                                       "val")["val_ece"]
+    assert after < before / 2
+
+
+def test_a_validation_split_the_model_gets_all_right_leaves_the_temperature_at_one() -> None:
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.1, 0.9], [0.6, 0.4]])
+    assert metrics.fit_temperature(y, probs) == 1.0
+    y[3] = 1  # one mistake: now there is a finite optimum, and sharpening stays within 4x
+    assert 0.25 <= metrics.fit_temperature(y, probs) < 100

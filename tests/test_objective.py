@@ -85,9 +85,9 @@ def test_a_complete_trial_records_the_contract(ctx: StudyContext) -> None:
     x = torch.zeros(3, 3, 16, 16)
     assert predictor.model(x).shape == (3, 2)
     assert not run.outputs.model_outputs  # no MLflow model export: promote makes that
-    # every metric it logged ranks one way (promote --metric, results), but the three that say
-    # where a trial is rather than how good it is
-    unranked = {"lr", "best_epoch", "epochs"}
+    # every metric it logged ranks one way (promote --metric, results), but those that say
+    # where a trial is or how it scales its probabilities rather than how good it is
+    unranked = {"lr", "best_epoch", "epochs", "temperature"}
     assert unranked <= set(metrics)
     assert {name: metric_goal(name) for name in ("peak_memory_mb", "train_seconds", "flops",
                                                  "min_val_loss", "test_log_loss_ci_low",

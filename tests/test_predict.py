@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -310,3 +311,22 @@ def test_a_logged_trial_model_predicts_its_test_images_as_its_run_recorded(
     got = np.array([[p.probabilities[c] for c in classes] for p in predictions])
     np.testing.assert_allclose(got, expected, atol=2e-6)
     assert [p.prediction for p in predictions] == [r["prediction"] for r in rows]
+
+
+def test_a_decision_threshold_decides_the_class_and_travels_with_the_metadata(
+        tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    plain = predictor(preprocessing())
+    p_bees = plain.probabilities(image_files(root))[:, 1]
+    threshold = float(np.median(p_bees))  # half the images at or above it, whatever argmax says
+    prep = dataclasses.replace(preprocessing(), decision_threshold=threshold)
+    assert Preprocessing.from_metadata(json.loads(json.dumps(prep.to_metadata()))) == prep
+    pred = predictor(prep)
+    expected = [CLASSES[int(p >= threshold)] for p in p_bees]
+    assert expected != [p.prediction for p in plain.predict_files([root])]  # not the argmax
+    predictions = pred.predict_files([root])
+    assert [p.prediction for p in predictions] == expected
+    assert [p.probability for p in predictions] == pytest.approx(
+        [p if c == "bees" else 1 - p for p, c in zip(p_bees, expected, strict=True)])
+    with pytest.raises(ConfigError, match="decision threshold needs two classes, not 3"):
+        dataclasses.replace(preprocessing(classes=("a", "b", "c")), decision_threshold=0.3)

@@ -166,3 +166,18 @@ def test_figures_keep_every_text_inside_them(classes: list[str]) -> None:
     for fig in (plot_curves(HISTORY, best_epoch=2), plot_roc(y, p, classes, title=title),
                 plot_confusion_matrix(matrix, classes, title)):
         assert _outside(fig) == []
+
+
+def test_the_reliability_diagram_draws_a_line_per_curve_with_its_ece() -> None:
+    from imgcls.metrics import reliability
+    from imgcls.report import plot_reliability
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(y * 0.7 + rng.random(200) * 0.3, 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1)
+    curve = reliability(y, probs)
+    figure = plot_reliability({"before": curve, "after": curve}, title="val")
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels == [f"before (ECE {curve.ece:.3f})", f"after (ECE {curve.ece:.3f})",
+                      "calibrated"]

@@ -145,6 +145,13 @@ def test_a_loss_objective_ranks_lowest_first_against_its_test_log_loss() -> None
     assert table.test_metric == "test_log_loss"
     assert [row.test for row in table.rows] == [pytest.approx(v + 0.1) for v in (0.2, 0.3, 0.4)]
     assert all(row.test_ci is None for row in table.rows)  # no interval logged: none shown
+    assert table.selection_gap == pytest.approx(0.1)  # a loss: validation looked 0.1 better
+
+
+def test_the_selection_gap_is_the_chosen_trials_validation_score_above_its_test_score() -> None:
+    table = trials_table(in_memory(MIXED))
+    assert table.selection_gap == pytest.approx(0.05)  # each fake's test_f1 is best - 0.05
+    assert trials_table(in_memory([Fake("FAIL")])).selection_gap is None  # nothing chosen
 
 
 def test_top_below_one_is_a_config_error() -> None:
@@ -255,6 +262,20 @@ def test_the_renderers_draw_categories_and_a_colour_scale(tmp_path: Path) -> Non
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == list(plot.x.categories)
 
 
+def test_one_architecture_is_coloured_by_the_objective_with_a_colour_bar(
+        tmp_path: Path) -> None:
+    fakes = [Fake("COMPLETE", lr=0.001 * (k + 1), history=(0.5 + k / 10,)) for k in range(3)]
+    plot = plot_points(in_memory(fakes))  # colour: arch, but every trial is simplecnn
+    assert plot.color.name == "best_val_f1" and plot.recoloured == "arch = simplecnn"
+    assert plot.color.values == pytest.approx((0.5, 0.6, 0.7)) and plot.groups() == []
+    figure = plot_3d_png(plot)
+    assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "best_val_f1"
+    assert "(every trial arch = simplecnn)" in figure.axes[0].get_title()
+    assert "colorbar" in plot_3d_html(plot, tmp_path / "p.html").read_text()
+    # two architectures keep their colours
+    assert plot_points(in_memory(MIXED)).recoloured == ""
+
+
 def test_an_unknown_axis_name_lists_what_is_available(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"x='lrr'.*did you mean lr.*batch_size.*best_val_f1"):
         plot_points(in_memory(MIXED), x="lrr")
@@ -340,6 +361,8 @@ def test_write_results_writes_the_files_and_logs_them_to_the_study_run(
     logged_names = {a.path for a in tracker.client.list_artifacts(record.study_run_id, "results")}
     assert logged_names == {f"results/{n}" for n in names}
     assert report.study_run_id == record.study_run_id
+    logged = tracker.client.get_run(record.study_run_id).data.metrics
+    assert logged["selection_gap"] == pytest.approx(report.table.selection_gap)
 
 
 def test_a_single_finished_trial_still_writes_what_it_can(

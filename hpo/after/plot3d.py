@@ -92,14 +92,19 @@ class PlotData:
     states: tuple[str, ...]  # each point's trial state (COMPLETE or PRUNED)
     params: tuple[dict[str, Scalar], ...]  # each point's searched hyperparameters (hover text)
     left_out: tuple[int, ...] = ()  # finished trials without a value on some axis
+    # why the colour is the objective rather than the one asked for: "arch = simplecnn" when
+    # every point had that value (one colour would say nothing); "" when it is the one asked for
+    recoloured: str = ""
 
     def __len__(self) -> int:
         return len(self.trials)
 
     def groups(self) -> list[tuple[str, list[int]]]:
         """Point indices per colour value, in the colour axis's order; [] when the colour is a
-        continuous scale (a number with more than MAX_COLOR_GROUPS distinct values)."""
-        if self.color.scale != "category" and len(set(self.color.values)) > MAX_COLOR_GROUPS:
+        continuous scale (a number with more than MAX_COLOR_GROUPS distinct values, or the
+        objective standing in for a colour that every point shared)."""
+        if self.recoloured or (self.color.scale != "category"
+                               and len(set(self.color.values)) > MAX_COLOR_GROUPS):
             return []
         labels = self.color.categories or tuple(_text(v) for v in sorted(set(self.color.values)))
         texts = [_text(v) for v in self.color.values]
@@ -145,11 +150,17 @@ def plot_points(record: StudyRecord, x: str = "lr", y: str = "batch_size", z: st
             columns[role].append(value)  # type: ignore[arg-type]  (None was left out above)
 
     axes = {role: _axis(keys[role], columns[role], space) for role in names}
+    recoloured = ""
+    objective = [_value(t, record.objective_key) for t in kept]
+    if (len(set(map(_text, columns["color"]))) == 1 and len(kept) > 1
+            and keys["color"] != record.objective_key and None not in objective):
+        recoloured = f"{keys['color']} = {_text(columns['color'][0])}"
+        axes["color"] = _axis(record.objective_key, objective, space)  # type: ignore[arg-type]
     return PlotData(
         study=record.name, x=axes["x"], y=axes["y"], z=axes["z"], color=axes["color"],
         trials=tuple(t.number for t in kept), states=tuple(t.state.value for t in kept),
         params=tuple({k: t.params[k] for k in record.searched if k in t.params} for t in kept),
-        left_out=tuple(left_out),
+        left_out=tuple(left_out), recoloured=recoloured,
     )
 
 
@@ -204,8 +215,9 @@ def _text(value: Scalar) -> str:
 
 def _title(data: PlotData) -> str:
     complete = data.states.count("COMPLETE")
+    shared = f" (every trial {data.recoloured})" if data.recoloured else ""
     return (f"study {data.study}: {data.z.name} over {data.x.name} and {data.y.name}, "
-            f"colour {data.color.name}; {len(data)} trials: {complete} complete (dots), "
+            f"colour {data.color.name}{shared}; {len(data)} trials: {complete} complete (dots), "
             f"{len(data) - complete} pruned (crosses)")
 
 

@@ -96,6 +96,8 @@ def write_results(tracker: Tracker, record: StudyRecord, out_dir: Path, *, top: 
     files.append(out_dir / NOTES_TXT)
 
     if log_to_study_run:
+        if table.selection_gap is not None:  # the study's record of its selection optimism
+            tracker.log_metrics(record.study_run_id, {"selection_gap": table.selection_gap})
         for path in files:
             tracker.log_artifact(record.study_run_id, path, ARTIFACT_DIR)
     return ResultsReport(out_dir, files, table, plot, importances, notes,

@@ -95,7 +95,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             probabilities = self.predictor.probabilities(image_inputs(model_input))
         except DataError as exc:  # the request's fault: served as a 400 naming the input
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        return prediction_frame(probabilities, self.predictor.classes)
+        return prediction_frame(probabilities, self.predictor.classes,
+                                self.predictor.decide(probabilities))
 
 
 def load_predictor(artifacts: Mapping[str, str]) -> Predictor:
@@ -157,11 +158,14 @@ def _image_value(value: Any, index: int) -> ImageInput:
                     "bytes, or base64 text")
 
 
-def prediction_frame(probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    """`class`, `probability`, then `p_<class>` per class: one row per image."""
+def prediction_frame(probabilities: np.ndarray, classes: Sequence[str],
+                     predicted: np.ndarray | None = None) -> pd.DataFrame:
+    """`class` (the `predicted` index per row, by default the most probable), `probability`
+    (the predicted class's), then `p_<class>` per class: one row per image."""
+    chosen = probabilities.argmax(axis=1) if predicted is None else np.asarray(predicted)
     frame = pd.DataFrame({
-        "class": pd.Series([classes[k] for k in probabilities.argmax(axis=1)], dtype=object),
-        "probability": probabilities.max(axis=1, initial=0.0).astype(np.float64),
+        "class": pd.Series([classes[k] for k in chosen], dtype=object),
+        "probability": probabilities[np.arange(len(chosen)), chosen].astype(np.float64),
     })
     for k, name in enumerate(classes):
         frame[f"p_{name}"] = probabilities[:, k].astype(np.float64)

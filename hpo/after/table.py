@@ -12,7 +12,7 @@ from hpo.config.space import Scalar
 from hpo.config.trial import TrialState, test_counterpart
 from hpo.tracking.records import StudyRecord
 from imgcls.errors import ConfigError
-from imgcls.metrics import EPOCH_LOGGED
+from imgcls.metrics import EPOCH_LOGGED, metric_goal
 
 # Metrics that count something: whole numbers in trials.csv.
 COUNT_METRICS = frozenset({"best_epoch", "epochs", "params_count", "flops", "macs"})
@@ -31,6 +31,7 @@ class TrialRow:
     params: dict[str, Scalar]  # the searched hyperparameters
     test: float | None  # the objective's test counterpart (val_f1 -> test_f1); None: no test split
     test_ci: tuple[float, float] | None  # its bootstrap confidence interval (low, high)
+    threshold: float | None  # the decision threshold its operating point chose; None: argmax
     params_count: int | None  # trainable and frozen parameters of the model
     flops: int | None  # per image, one forward pass
     run_id: str
@@ -44,6 +45,18 @@ class TrialsTable:
     searched: tuple[str, ...]
     rows: tuple[TrialRow, ...]  # the top finished trials, best first
     counts: dict[TrialState, int]  # trials per state, every state of STATES, zeros kept
+
+    @property
+    def selection_gap(self) -> float | None:
+        """How much better the chosen (top) trial's validation score is than its test
+        counterpart, in the objective's units (for a loss: how far below): the optimism of
+        picking the best of many noisy validation scores, positive when validation flattered
+        it. None without a finished trial or a test split."""
+        if not self.rows or self.rows[0].test is None:
+            return None
+        top = self.rows[0]
+        gap = top.value - top.test
+        return -gap if metric_goal(self.objective) == "min" else gap
 
 
 def trials_table(record: StudyRecord, top: int = 10) -> TrialsTable:
@@ -60,7 +73,7 @@ def trials_table(record: StudyRecord, top: int = 10) -> TrialsTable:
         rows.append(TrialRow(
             number=trial.number, state=trial.state, value=m[record.objective_key],
             params={k: trial.params[k] for k in record.searched if k in trial.params},
-            test=m.get(test), test_ci=ci,
+            test=m.get(test), test_ci=ci, threshold=m.get("threshold"),
             params_count=_int(m.get("params_count")), flops=_int(m.get("flops")),
             run_id=trial.run_id or "",
         ))

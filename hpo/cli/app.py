@@ -97,6 +97,11 @@ def search(
         None, "--objective", metavar="METRIC[:max|min]",
         help=f"A validation metric: {', '.join(OBJECTIVE_METRICS)}. Repeat it for a Pareto "
              "search, e.g. --objective val_f1 --objective flops:min (also macs, params_count)."),
+    operating_point: str | None = typer.Option(
+        None, "--operating-point", metavar="argmax|youden|sens=T|spec=T",
+        help="How a two-class model picks its class: the most probable (argmax), or a "
+             "threshold chosen on validation: Youden's J, or a sensitivity or specificity "
+             "to reach, e.g. sens=0.95."),
     skip_bad_images: bool = typer.Option(
         False, "--skip-bad-images",
         help="Leave out unreadable files and placeholders (listed in the study run) instead of "
@@ -156,6 +161,7 @@ def search(
     overrides: dict[str, Any] = {
         "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
         "objective": (objective[0] if len(objective) == 1 else objective) if objective else None,
+        "operating_point": operating_point,
         "sampler": sampler, "pruner": pruner, "gpus": gpus,
         "trials_per_gpu": trials_per_gpu, "workers": workers, "backend": backend,
         "ray_address": ray_address,
@@ -395,8 +401,10 @@ def results(
     table = report.table
     view = Table(title=f"Study {study}: best {len(table.rows)} finished trials by "
                        f"{table.objective}", title_justify="left")
+    thresholds = any(row.threshold is not None for row in table.rows)  # an operating point
     for column in ("trial", "state", table.objective, *table.searched,
-                   f"{table.test_metric} (95% CI)", "params", "GFLOPs", "MLflow run"):
+                   f"{table.test_metric} (95% CI)", *(["threshold"] if thresholds else []),
+                   "params", "GFLOPs", "MLflow run"):
         view.add_column(column, justify="left" if column in ("state", "MLflow run") else "right",
                         no_wrap=column not in table.searched)
     for row in table.rows:
@@ -405,10 +413,17 @@ def results(
             test += f" [{row.test_ci[0]:.2f}, {row.test_ci[1]:.2f}]"
         view.add_row(str(row.number), row.state, f"{row.value:.4f}",
                      *(format_value(row.params.get(name, "")) for name in table.searched), test,
+                     *([f"{row.threshold:.3f}" if row.threshold is not None else "-"]
+                       if thresholds else []),
                      f"{row.params_count:,}" if row.params_count is not None else "-",
                      f"{row.flops / 1e9:.3g}" if row.flops is not None else "-",
                      row.run_id[:8])
     console.print(view)
+    if table.selection_gap is not None:
+        top = table.rows[0]
+        console.print(f"Selection: trial {top.number}'s {table.objective} {top.value:.4f} looks "
+                      f"{table.selection_gap:+.4f} better than its {table.test_metric} "
+                      f"{top.test:.4f} (selection_gap).")
     counts = ", ".join(f"{n} {state.label}" for state, n in table.counts.items() if n)
     console.print(f"{sum(table.counts.values())} trials: {counts}.")
     for note in report.notes:
@@ -469,6 +484,15 @@ def predict(
     out: Path | None = typer.Option(None, "--out", help="Write the predictions to this CSV."),
     batch_size: int = typer.Option(32, "--batch-size", min=1,
                                    help="Images classified at a time."),
+    mc_dropout: int = typer.Option(
+        1, "--mc-dropout", min=1, metavar="N",
+        help="Average N forward passes with dropout sampling (a model trained with dropout)."),
+    tta: bool = typer.Option(False, "--tta",
+                             help="Also average the flips the model trained with."),
+    max_entropy: float | None = typer.Option(
+        None, "--max-entropy", min=0,
+        help="Above this predictive entropy (nats; at most ln K) an image is 'unknown'."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout masks."),
     store: Path | None = StoreOpt,
     tracking_uri: str | None = TrackingOpt,
 ) -> None:
@@ -477,6 +501,9 @@ def predict(
 
     from hpo.after.models import resolve_model
     from imgcls.predict import image_files, summary, write_csv
+    from imgcls.uncertainty import Sampling
+
+    sampling = Sampling(mc_dropout, tta, seed)
 
     _, tracker = _open_store(store, tracking_uri)
     uri, predictor = resolve_model(tracker, model)
@@ -485,23 +512,38 @@ def predict(
         task = bar.add_task(f"classifying {len(files):,} images", total=len(files))
         predictions = predictor.predict_files(
             files, batch_size=batch_size, threshold=threshold,
-            progress=lambda done, total: bar.update(task, completed=done))
+            progress=lambda done, total: bar.update(task, completed=done),
+            sampling=sampling if sampling.stochastic else None, max_entropy=max_entropy)
     if out is not None:
         write_csv(predictions, out, predictor.classes)
     else:
         table = Table(title=f"{uri}", title_justify="left")
-        for column in ("file", "prediction", "probability"):
-            table.add_column(column, justify="right" if column == "probability" else "left")
+        uncertain = any(p.entropy is not None for p in predictions)
+        for column in ("file", "prediction", "probability", *(("entropy", "rank") * uncertain)):
+            table.add_column(column, justify="left" if column in ("file", "prediction")
+                             else "right")
         for p in predictions:
+            cells = [f"{p.entropy:.4f}", str(p.entropy_rank)] if p.entropy is not None else []
             table.add_row(p.file, p.prediction or f"[red]unreadable: {p.error}[/]",
-                          f"{p.probability:.4f}" if p.probability is not None else "")
+                          f"{p.probability:.4f}" if p.probability is not None else "",
+                          *(cells or [""] * (2 * uncertain)))
         console.print(table)
     counts = summary(predictions)
     per_class = ", ".join(f"{c}: {n}" for c, n in counts["classes"].items() if n)
     console.print(f"{counts['images']} images with {uri}: {per_class}"
-                  + (f", {counts['unknown']} unknown" if threshold is not None else "")
+                  + (f", {counts['unknown']} unknown"
+                     if threshold is not None or max_entropy is not None else "")
                   + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else "")
+                  + _entropy_note(counts.get("entropy"))
                   + (f"; written to {out}" if out is not None else ""), soft_wrap=True)
+
+
+def _entropy_note(entropy: dict[str, float] | None) -> str:
+    """The predictive entropy's mean and maximum against its bound, for the summary line."""
+    if entropy is None:
+        return ""
+    return (f"; entropy mean {entropy['mean']:.3f}, max {entropy['max']:.3f} nats "
+            f"(of at most {entropy['bound']:.3f})")
 
 
 @app.command()

@@ -27,7 +27,13 @@ from hpo.config.hparams import HParams, first_error
 from hpo.config.space import Scalar, SearchSpace, SpaceError, parse_param
 from imgcls.data.config import DataConfig
 from imgcls.errors import ConfigError, first_line
-from imgcls.metrics import MODEL_COSTS, Direction, metric_direction, metric_goal
+from imgcls.metrics import (
+    MODEL_COSTS,
+    Direction,
+    OperatingPoint,
+    metric_direction,
+    metric_goal,
+)
 from imgcls.models.catalog import check_image_size, weights_file
 
 BUNDLED_STUDIES = Path(__file__).parents[1] / "studies"  # hpo/studies: the shipped studies
@@ -50,6 +56,9 @@ class StudySpec(BaseModel):
     # picks each trial's best epoch); empty for a single objective. Set by giving `objective`
     # a list: [val_f1:max, flops:min].
     objectives: tuple[str, ...] = ()
+    # How a two-class model picks its class: argmax, youden, or a target such as sens=0.95 /
+    # spec=0.9, the threshold chosen on validation at each trial's best epoch (imgcls.metrics)
+    operating_point: str = "argmax"
     trials: int = Field(20, ge=1)  # finished trials wanted in total, over every run of `search`
     max_epochs: int = Field(10, ge=1)
     patience: int | None = Field(3, ge=1)  # None: never stop early
@@ -109,6 +118,11 @@ class StudySpec(BaseModel):
     def _known_objective(cls, value: str) -> str:
         metric_direction(value)  # raises listing the valid names
         return value
+
+    @field_validator("operating_point")
+    @classmethod
+    def _known_operating_point(cls, value: str) -> str:
+        return str(OperatingPoint.parse(value))  # raises naming the forms
 
     @field_validator("space", mode="before")
     @classmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +21,24 @@ import numpy as np
 import torch
 
 from imgcls.data.batches import Batches
-from imgcls.metrics import confusion_matrix, test_metrics
+from imgcls.metrics import (
+    OperatingPoint,
+    Reliability,
+    apply_temperature,
+    calibration_scores,
+    choose_threshold,
+    confusion_matrix,
+    decide,
+    fit_temperature,
+    reliability,
+    test_metrics,
+)
 from imgcls.predict import Preprocessing
 from imgcls.report import (
     classification_report,
     plot_confusion_matrix,
     plot_curves,
+    plot_reliability,
     plot_roc,
     write_predictions,
 )
@@ -40,31 +54,72 @@ EVAL_BATCH_SIZE = 256  # evaluation keeps no activations for backward: larger ba
 def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Module,
            run: TrialRun | None) -> dict[str, float]:
     """The trial's summary metrics (best_<objective>, best_epoch, epochs, min_val_loss, test_*
-    with intervals), logged to `run`, whose figures and reports are queued on the context's
+    with intervals, the temperature and the operating point's threshold, calibration before
+    and after), logged to `run`, whose figures and reports are queued on the context's
     artifact writer. Without a test split, the reports describe the validation split and no
-    test_* metric exists."""
+    test_* metric exists.
+
+    The probabilities are temperature-scaled first (fitted on validation), as the promoted
+    model serves them; the threshold is chosen on those, and test metrics are taken on them."""
     data, objective = ctx.data, ctx.spec.objective
     held_out = "test" if len(data.split.indices("test")) else "val"
-    evaluation, scores = result.best_evaluation, {}
+    raw_val, scores = result.best_evaluation, {}
+    temperature, threshold, val = 1.0, None, None
+    if raw_val is not None:  # None only when no epoch was evaluated
+        temperature = fit_temperature(raw_val.y_true, raw_val.probs)
+        val = calibrated(raw_val, temperature)
+        threshold = operating_threshold(ctx, val)
+        val = decided(val, threshold)
+    evaluation, raw = val, raw_val
     if held_out == "test":
         batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device,
                                resident=ctx.images_on_device)
-        evaluation = evaluate(model, batches, data.num_classes, prefix="test",
-                              accel=ctx.acceleration)
-        scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes, seed=seed)
+        raw = evaluate(model, batches, data.num_classes, prefix="test", accel=ctx.acceleration)
+        evaluation = decided(calibrated(raw, temperature), threshold)
+        scores = test_metrics(evaluation.y_true, evaluation.probs, data.num_classes, seed=seed,
+                              threshold=threshold)
     val_losses = [h["val_loss"] for h in result.history if h["val_loss"] == h["val_loss"]]
     summary = {f"best_{objective}": result.best_metrics[objective],
-               "best_epoch": result.best_epoch, "epochs": result.epochs, **scores}
+               "best_epoch": result.best_epoch, "epochs": result.epochs, **scores,
+               "temperature": temperature}
+    for split, before, after in (("val", raw_val, val), ("test", raw, evaluation)):
+        if before is not None and after is not None and (split == "val" or held_out == "test"):
+            summary.update(calibration_scores(after.y_true, after.probs, split))
+            summary.update({f"{name}_uncalibrated": value for name, value in
+                            calibration_scores(before.y_true, before.probs, split).items()})
+    if threshold is not None:
+        summary["threshold"] = threshold
     if val_losses:
         summary["min_val_loss"] = min(val_losses)
-    if run is not None and evaluation is not None:
+    if run is not None and evaluation is not None and raw is not None:
         run.log_metrics(summary)
-        ctx.artifacts.submit(lambda: record_reports(ctx, run, result, evaluation, held_out))
+        reliable = {"before scaling": reliability(raw.y_true, raw.probs),
+                    f"after (T = {temperature:.2f})": reliability(evaluation.y_true,
+                                                                  evaluation.probs)}
+        ctx.artifacts.submit(lambda: record_reports(ctx, run, result, evaluation, held_out,
+                                                    val, reliable))
     return summary
 
 
+def calibrated(evaluation: Evaluation, temperature: float) -> Evaluation:
+    """The evaluation with temperature-scaled probabilities (its decisions do not change)."""
+    return replace(evaluation, probs=apply_temperature(evaluation.probs, temperature))
+
+
+def decided(evaluation: Evaluation, threshold: float | None) -> Evaluation:
+    """The evaluation with its predictions taken at the operating point's threshold."""
+    return replace(evaluation, y_pred=decide(evaluation.probs, threshold))
+
+
+def operating_threshold(ctx: StudyContext, val: Evaluation) -> float | None:
+    """The study's operating point as a probability threshold on the positive class, chosen
+    on the (scaled) validation probabilities at the trial's best epoch; None for argmax."""
+    return choose_threshold(val.y_true, val.probs, OperatingPoint.parse(ctx.spec.operating_point))
+
+
 def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluation: Evaluation,
-                   held_out: str) -> None:
+                   held_out: str, best_val: Evaluation | None = None,
+                   reliable: Mapping[str, Reliability] | None = None) -> None:
     """Curves, confusion matrices, ROC, classification report and per-image predictions, into
     one folder logged to `run` at once."""
     data, objective = ctx.data, ctx.spec.objective
@@ -72,7 +127,6 @@ def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluati
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         figures = {"curves.png": plot_curves(result.history, best_epoch=result.best_epoch)}
-        best_val = result.best_evaluation
         if best_val is not None:
             title = f"validation, epoch {result.best_epoch}: {objective} = " \
                     f"{result.best_metrics[objective]:.4f}"
@@ -83,6 +137,9 @@ def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluati
             title = f"test, weights of epoch {result.best_epoch}"
             figures["confusion_matrix_test.png"] = plot_confusion_matrix(matrix, classes, title)
         figures[f"roc_{held_out}.png"] = plot_roc(evaluation.y_true, evaluation.probs, classes)
+        if reliable:
+            figures[f"reliability_{held_out}.png"] = plot_reliability(
+                reliable, title=f"{held_out} split, weights of epoch {result.best_epoch}")
         for name, figure in figures.items():
             figure.savefig(out / name)
         text, report = classification_report(evaluation.y_true, evaluation.probs, classes)
@@ -94,9 +151,16 @@ def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluati
         run.log_artifacts(out)
 
 
-def model_metadata(ctx: StudyContext, arch: str) -> dict[str, Any]:
-    """What predicting needs besides the weights: the model's input contract."""
-    return {"imgcls": Preprocessing.from_data(ctx.data, arch).to_metadata()}
+def model_metadata(ctx: StudyContext, arch: str, summary: Mapping[str, float] | None = None
+                   ) -> dict[str, Any]:
+    """What predicting needs besides the weights: the model's input contract, and from the
+    trial's `summary`, the temperature its probabilities are scaled by and the decision
+    threshold its operating point chose (none: argmax)."""
+    summary = summary or {}
+    preprocessing = replace(Preprocessing.from_data(ctx.data, arch),
+                            decision_threshold=summary.get("threshold"),
+                            temperature=summary.get("temperature", 1.0))
+    return {"imgcls": preprocessing.to_metadata()}
 
 
 def input_example(ctx: StudyContext) -> np.ndarray:

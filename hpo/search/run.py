@@ -29,7 +29,7 @@ from hpo.tracking.runs import open_study_run, study_runs, trial_runs
 from imgcls.data.cache import Progress
 from imgcls.data.prepare import PreparedData, prepare_data
 from imgcls.errors import ConfigError
-from imgcls.metrics import check_objective
+from imgcls.metrics import check_objective, check_operating_point
 
 
 @dataclass
@@ -60,6 +60,7 @@ def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None
             device = apply_slot(slots[0])
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
+    check_operating_point(spec.operating_point, data.num_classes)  # a threshold: the same
     store.create()  # after the data is known to be usable: bad input leaves nothing behind
     return backend, device, data
 

@@ -307,7 +307,9 @@ class TrialRunner:
         # in the default layout: a GPU trial's channels_last weights would be saved as such,
         # and a CPU predictor would pay for the layout change on every call
         model = self.trainer.model.to("cpu", memory_format=torch.contiguous_format)
-        metadata = model_metadata(self.ctx, self.hp.arch)
+        metadata = model_metadata(self.ctx, self.hp.arch, self.outcome.metrics)
+        # what predict's MC-dropout and flip TTA reuse: the dropout rate and flips trained with
+        metadata["imgcls"].update(dropout=self.hp.dropout, hflip=self.hp.hflip, vflip=self.hp.vflip)
         log_weights(self.run.tracker, self.run.run_id, model.state_dict(), metadata["imgcls"])
         if self.ctx.spec.log_models == "all":
             self.run.finish_with_model(model, input_example(self.ctx), self.ctx.data.num_classes,
