@@ -391,3 +391,33 @@ def test_samples_writes_held_out_images_of_each_class_that_predict_can_read(
     with Image.open(files[0]) as image:
         assert (image.size, image.mode) == ((32, 32), "L")  # as the study's model sees them
     assert "12 test images of study digits written to" in result.output
+
+
+@pytest.mark.parametrize("first_done", [False, True], ids=["none ended yet", "one complete"])
+def test_a_machine_that_finds_nothing_left_to_run_says_so_and_exits_0(
+        study_file: Path, tmp_path: Path, first_done: bool) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    store, wanted = tmp_path / "s", 1
+    if first_done:
+        done = runner.invoke(app, ["search", str(study_file), "--store", str(store),
+                                   "--trials", "1", "--max-epochs", "1"])
+        assert done.exit_code == 0, done.output
+        wanted = 2
+    store.mkdir(exist_ok=True)
+    # another machine is running the last trial the study wants
+    journal = JournalStorage(JournalFileBackend(str(store / "optuna.journal")))
+    study = optuna.create_study(study_name="tiny", storage=journal, direction="maximize",
+                                load_if_exists=True)
+    running = study.ask()
+    running.set_user_attr("host", "another-machine")
+    running.set_user_attr("pid", 1)
+    result = runner.invoke(app, ["search", str(study_file), "--store", str(store), "--trials",
+                                 str(wanted), "--max-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"{wanted} trials in study tiny:" in out and "0 of them ran in this search" in out
+    assert ("Nothing was left to run here: the study's other trials are running elsewhere"
+            in out) is not first_done

@@ -105,6 +105,13 @@ def test_the_optuna_study_can_live_outside_the_store(study_file: Path, store: St
     assert len(run_search(spec, elsewhere).trials) == 1
     assert not store.journal_path.exists()
     assert (tmp_path / ("optuna.db" if "sqlite" in target else "shared/tiny.journal")).exists()
+    # optuna-dashboard, opened on that storage, labels the objective by its name
+    import optuna
+
+    from hpo.search.backends.optuna.storage import make_storage
+
+    assert optuna.load_study(study_name="tiny", storage=make_storage(elsewhere)).metric_names \
+        == ["val_f1"]
     # and it resumes from there
     assert len(run_search(load_study(str(study_file), {"trials": 2}), elsewhere).trials) == 2
 

@@ -156,6 +156,7 @@ def search(
     from hpo.config.space import SpaceError
     from hpo.config.store import Store
     from hpo.config.study import StudyError, load_study, parse_assignments, parse_duration
+    from hpo.config.trial import TrialState
     from hpo.search.run import pareto_front, run_search
 
     overrides: dict[str, Any] = {
@@ -208,7 +209,8 @@ def search(
     if result.best is not None:
         console.print(summary_table(result))
     console.print(f"{len(result.trials)} trials in study {spec.name}: "
-                  f"{_state_counts(result.trials)}.", soft_wrap=True)
+                  f"{_state_counts(result.trials)}; {progress.ran} of them ran in this search.",
+                  soft_wrap=True)
     if spec.objectives:
         front = pareto_front(result.trials, spec)
         names = ", ".join(name for name, _ in spec.terms)
@@ -217,6 +219,11 @@ def search(
                                    for t in front) or "none yet")
                       + "; tagged imgcls_hpo.pareto=true in MLflow.", soft_wrap=True)
     console.print(_ui_hint(where, store), soft_wrap=True)  # a command to copy: never wrapped
+    if result.best is None and not progress.ran and result.trials.counts()[TrialState.RUNNING]:
+        console.print("Nothing was left to run here: the study's other trials are running "
+                      f"elsewhere; `imgcls-hpo results {spec.name}` shows them once they end.",
+                      soft_wrap=True)
+        return
     if result.best is None:
         err_console.print(f"error: no trial completed: {_why_none_completed(result.trials)}",
                           soft_wrap=True)

@@ -103,6 +103,7 @@ class SearchProgress:
                          console=console, refresh_per_second=4, transient=True)
         self.spec: StudySpec | None = None
         self.finished: Trials | None = None  # the trials that ended so far, and count
+        self.ran = 0  # trials this search ran to their end (other machines' are not seen)
         self._trial_task = self._epoch_task = self._images_task = None
         self._searched: list[str] = []
 
@@ -190,6 +191,7 @@ class SearchProgress:
     def trial_finished(self, outcome: TrialOutcome) -> None:
         assert self.spec is not None and self.finished is not None
         self.finished.add(outcome)
+        self.ran += 1
         if outcome.state.counts:
             self.eta.trial_finished()
         self.trials.update(self._trial_task, advance=1 if outcome.state.counts else 0,

@@ -114,9 +114,15 @@ def open_optuna_study(spec: StudySpec, storage: optuna.storages.BaseStorage,
                                          spec.trials, spec.space)
     if not SAMPLERS.entry(spec.sampler).meta.get("seed_per_study"):
         sampler = seeded_per_trial(sampler, spec.seed)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name, storage=storage, load_if_exists=True,
         directions=["maximize" if direction == "max" else "minimize"
                     for _, direction in spec.terms],
         sampler=sampler, pruner=PRUNERS.get(spec.pruner)(spec.max_epochs),
     )
+    names = [name for name, _ in spec.terms]
+    if study.metric_names != names:  # optuna-dashboard labels the objectives by these
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
+    return study
