@@ -336,6 +336,7 @@ def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path
     listed in the report and left out; the others are explained."""
     from imgcls.predict import image_files
 
+    predictor = predictor.explained  # an ensemble: its first member
     arch, classes = predictor.preprocessing.arch, predictor.classes
     cam_layer(arch)  # a ViT is refused before any image is read
     files, unreadable, batches = image_files(paths), [], []

@@ -54,7 +54,8 @@ from imgcls.uncertainty import (
 )
 
 __all__ = [
-    "UNKNOWN", "ImageInput", "Prediction", "Predictor", "Preprocessing", "image_files",
+    "UNKNOWN", "EnsemblePredictor", "ImageInput", "Prediction", "Predictor", "Preprocessing",
+    "image_files",
     "summary", "write_csv",
 ]
 
@@ -222,6 +223,11 @@ class Predictor:
     def classes(self) -> tuple[str, ...]:
         return self.preprocessing.classes
 
+    @property
+    def explained(self) -> Predictor:
+        """The predictor whose network Grad-CAM and the embedding read: this one."""
+        return self
+
     def prepare(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
         """The normalized float batch (N, C, S, S), on the predictor's device, that training fed
         the model for these images. An unreadable input raises DataError naming it."""
@@ -380,6 +386,56 @@ class Predictor:
             raise ConfigError(f"the model gives outputs of shape {tuple(logits.shape)} "
                               f"for {k} classes; its preprocessing does not belong to it")
         return logits / self.preprocessing.temperature
+
+
+# What the members of an ensemble share: one decoding and normalization feeds them all (the
+# members of one study do, these being its data settings)
+SHARED_INPUT = ("classes", "image_size", "channels", "normalize", "mean", "std")
+
+
+class EnsemblePredictor(Predictor):
+    """Several models of one study as one predictor: the mean of their probabilities (each
+    member's calibrated by its own temperature), decided at the ensemble's own threshold.
+    Each image is decoded and normalized once for every member."""
+
+    def __init__(self, members: Sequence[Predictor],
+                 decision_threshold: float | None = None) -> None:
+        if len(members) < 2:
+            raise ConfigError(f"an ensemble needs at least two models, not {len(members)}")
+        first = members[0].preprocessing
+        for member in members[1:]:
+            differs = [name for name in SHARED_INPUT
+                       if getattr(member.preprocessing, name) != getattr(first, name)]
+            if differs:
+                raise ConfigError(f"the models differ in {', '.join(differs)}, so one input "
+                                  "cannot feed them all: ensemble trials of one study")
+        self.members = list(members)
+        preprocessing = replace(first, arch="+".join(m.preprocessing.arch for m in members),
+                                decision_threshold=decision_threshold, temperature=1.0)
+        super().__init__(nn.ModuleList([m.model for m in members]), preprocessing,
+                         members[0].device)
+
+    @property
+    def explained(self) -> Predictor:
+        """An average of networks has no one feature map: the first (best) member's."""
+        return self.members[0]
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        """Refused only when no member can vary so (a member without dropout, say, gives the
+        same probabilities in each pass, and the others still sample)."""
+        refusals = []
+        for member in self.members:
+            try:
+                member.check_sampling(sampling)
+            except ConfigError as exc:
+                refusals.append(exc)
+        if len(refusals) == len(self.members):
+            raise ConfigError(f"none of the ensemble's models can: {refusals[0]}")
+
+    def _probabilities(self, arrays: np.ndarray, batch_size: int,
+                       sampling: Sampling | None = None) -> np.ndarray:
+        return np.mean([m._probabilities(arrays, batch_size, sampling) for m in self.members],
+                       axis=0).astype(np.float32)
 
 
 def with_entropy_ranks(predictions: Sequence[Prediction]) -> list[Prediction]:

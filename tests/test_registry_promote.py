@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
+from hpo.after.ensemble import TAG_MEMBERS, promote_ensemble
 from hpo.after.models import DEFAULT_ALIAS, resolve_model
 from hpo.after.promote import PREVIOUS_ALIAS, choose_trial, promote, version_tags
 from hpo.after.serving import CLASSIFIER, image_inputs, prediction_frame
@@ -398,6 +399,47 @@ def test_prediction_frame_names_a_column_per_class() -> None:
     assert prediction_frame(np.zeros((0, 3), np.float32), ("cat", "dog", "eel")).empty
 
 
+# -- ensembles ---------------------------------------------------------------------------------
+
+def test_an_ensemble_of_the_top_trials_predicts_the_mean_of_their_probabilities(
+        tracker: Tracker, record: StudyRecord, searched: Searched) -> None:
+    done = promote_ensemble(tracker, record, 3)
+    ranked = record.ranked(record.objective_key)
+    assert done.members == tuple(t.number for t in ranked[:3]) and done.uri == \
+        "models:/tiny-classifier@champion"
+    version = tracker.client.get_model_version_by_alias("tiny-classifier", DEFAULT_ALIAS)
+    assert version.tags[TAG_MEMBERS] == ",".join(map(str, done.members))
+    assert version.run_id == done.run_id != ranked[0].run_id  # its own run, under the study's
+    run = tracker.run(done.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == record.study_run_id
+    for key in ("test_f1", "test_f1_ci_low", "test_f1_ci_high", "test_auc"):
+        assert run.data.metrics[key] == pytest.approx(done.metrics[key])
+    assert done.best["test_f1"] == ranked[0].metrics["test_f1"]
+    assert len(load_record(tracker, "tiny").trials) == len(record.trials)  # no trial added
+
+    images = [_file(searched, "ants"), _file(searched, "bees"), _file(searched, "bees", 2)]
+    members = [resolve_model(tracker, f"runs:/{t.run_id}/model")[1] for t in ranked[:3]]
+    expected = np.mean([m.probabilities(images) for m in members], axis=0)
+    _, ensemble = resolve_model(tracker, done.uri)
+    np.testing.assert_allclose(ensemble.probabilities(images), expected, rtol=1e-5, atol=1e-7)
+    with fluent_tracking_uri(tracker.uri):  # what `mlflow models serve` loads
+        served = mlflow.pyfunc.load_model(done.uri).predict(
+            pd.DataFrame({"image": [str(p) for p in images]}))
+    np.testing.assert_allclose(served[["p_ants", "p_bees"]].to_numpy(), expected, rtol=1e-5,
+                               atol=1e-7)
+    assert ensemble.explained is ensemble.members[0]  # Grad-CAM reads the best member's network
+    assert ensemble.members[0].preprocessing.arch == ranked[0].params.get("arch", "simplecnn")
+
+
+def test_an_ensemble_needs_as_many_complete_trials(tracker: Tracker,
+                                                   record: StudyRecord) -> None:
+    with pytest.raises(StudyError, match=r"has 3 COMPLETE trial\(s\) with best_val_f1, fewer "
+                                         r"than the 4 to ensemble"):
+        promote_ensemble(tracker, record, 4)
+    with pytest.raises(ConfigError, match="an ensemble needs at least 2 trials, not 1"):
+        promote_ensemble(tracker, record, 1)
+
+
 # -- serving over REST -------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -406,10 +448,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def served(tracker: Tracker, record: StudyRecord, tmp_path: Path) -> Iterator[str]:
-    """`mlflow models serve` of the champion, with this environment (--env-manager local)."""
-    promote(tracker, record)
+@pytest.fixture(params=["one trial", "an ensemble of 3"])
+def served(tracker: Tracker, record: StudyRecord, tmp_path: Path,
+           request: pytest.FixtureRequest) -> Iterator[str]:
+    """`mlflow models serve` of the champion, with this environment (--env-manager local): a
+    trial's model, or the study's three trials as one."""
+    if request.param == "one trial":
+        promote(tracker, record)
+    else:
+        promote_ensemble(tracker, record, 3)
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri,

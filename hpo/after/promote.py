@@ -73,7 +73,7 @@ def promote(tracker: Tracker, record: StudyRecord, *, metric: str | None = None,
         description=f"trial {trial.number} of the study {record.name!r}",
         model_tags={TAG_STUDY: record.name},
         model_description=f"Image classifier promoted from the study {record.name!r}")
-    previous = _move_alias(tracker, name, alias, version)
+    previous = move_alias(tracker, name, alias, version)
     return Promotion(name, version, alias, f"models:/{name}@{alias}", trial.run_id,
                      trial.number, key, trial.metrics.get(key), previous, created)
 
@@ -154,7 +154,7 @@ def _classifier(tracker: Tracker, record: StudyRecord, trial: TrialOutcome) -> s
     return log_classifier(tracker, trial.run_id, state_dict, preprocessing)
 
 
-def _move_alias(tracker: Tracker, name: str, alias: str, version: int) -> int | None:
+def move_alias(tracker: Tracker, name: str, alias: str, version: int) -> int | None:
     """Point `alias` at `version`; the version it leaves gets `previous`. Returns that one."""
     current = registry.alias_version(tracker, name, alias)
     if current == version:

@@ -43,7 +43,7 @@ from PIL import Image
 from hpo.tracking.models import log_model
 from hpo.tracking.tags import CLASSIFIER_PREPROCESSING, CLASSIFIER_WEIGHTS
 from imgcls.errors import DataError
-from imgcls.predict import ImageInput, Predictor, Preprocessing
+from imgcls.predict import EnsemblePredictor, ImageInput, Predictor, Preprocessing
 
 if TYPE_CHECKING:
     from hpo.tracking.client import Tracker
@@ -52,6 +52,7 @@ CLASSIFIER = "classifier"  # the pyfunc's name in a trial's run (the pt2 model i
 IMAGE_COLUMN = "image"
 WEIGHTS, PREPROCESSING = CLASSIFIER_WEIGHTS, CLASSIFIER_PREPROCESSING  # artifact keys
 _FILES = {WEIGHTS: "weights.pt", PREPROCESSING: "preprocessing.json"}
+ENSEMBLE_KEY = "members"  # in both artifacts of an ensemble: one entry per model, in order
 
 # Base64 text: the alphabet, line breaks, up to two '=' of padding. An encoded image never matches
 # whole (every format's header has a byte outside the alphabet: PNG 0x89, JPEG 0xFF, NULs...).
@@ -100,12 +101,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 def load_predictor(artifacts: Mapping[str, str]) -> Predictor:
-    """A Predictor from the classifier's artifacts (local paths by artifact key)."""
+    """A Predictor from the classifier's artifacts (local paths by artifact key): one model's,
+    or an ensemble's (`promote --ensemble`: its members' state dicts and preprocessing)."""
     with open(artifacts[PREPROCESSING]) as f:
-        preprocessing = Preprocessing.from_metadata(json.load(f))
+        described = json.load(f)
     # weights_only: a state dict is tensors only, so nothing in the file can run code.
-    state_dict = torch.load(artifacts[WEIGHTS], map_location="cpu", weights_only=True)
-    return Predictor.from_state_dict(state_dict, preprocessing)
+    weights = torch.load(artifacts[WEIGHTS], map_location="cpu", weights_only=True)
+    if ENSEMBLE_KEY not in described:
+        return Predictor.from_state_dict(weights, Preprocessing.from_metadata(described))
+    members = [Predictor.from_state_dict(state_dict, Preprocessing.from_metadata(metadata))
+               for state_dict, metadata in zip(weights[ENSEMBLE_KEY], described[ENSEMBLE_KEY],
+                                               strict=True)]
+    return EnsemblePredictor(members, described.get("decision_threshold"))
 
 
 def image_inputs(model_input: Any) -> list[ImageInput]:
@@ -211,14 +218,37 @@ def log_classifier(tracker: Tracker, run_id: str, state_dict: Mapping[str, torch
                    preprocessing: Preprocessing) -> str:
     """Log an ImageClassifier of these weights into the run as `classifier`; its model id.
     The run is neither reopened nor ended (a finished trial keeps its end time)."""
+    return _log(tracker, run_id, _cpu(state_dict), preprocessing.to_metadata(), preprocessing)
+
+
+def log_ensemble(tracker: Tracker, run_id: str,
+                 members: Sequence[tuple[Mapping[str, torch.Tensor], Preprocessing]],
+                 decision_threshold: float | None) -> str:
+    """Log an ImageClassifier that averages `members` (state dict, preprocessing) into the run
+    as `classifier`; its model id. The same two artifacts as one model's, holding a list each,
+    so that everything that checks or loads a classifier takes an ensemble alike."""
+    predictor = EnsemblePredictor([Predictor.from_state_dict(w, p) for w, p in members],
+                                  decision_threshold)  # refuses members that do not fit
+    described = {ENSEMBLE_KEY: [p.to_metadata() for _, p in members],
+                 "decision_threshold": decision_threshold}
+    return _log(tracker, run_id, {ENSEMBLE_KEY: [_cpu(w) for w, _ in members]}, described,
+                predictor.preprocessing, members=len(members))
+
+
+def _cpu(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
+
+
+def _log(tracker: Tracker, run_id: str, weights: Mapping[str, Any], described: Mapping[str, Any],
+         preprocessing: Preprocessing, **metadata: Any) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {key: str(Path(tmp) / name) for key, name in _FILES.items()}
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, artifacts[WEIGHTS])
-        Path(artifacts[PREPROCESSING]).write_text(json.dumps(preprocessing.to_metadata()))
+        torch.save(dict(weights), artifacts[WEIGHTS])
+        Path(artifacts[PREPROCESSING]).write_text(json.dumps(described))
         code = Path(tmp) / "image_classifier.py"
         code.write_text(_MODEL_CODE)
         return log_model(tracker, run_id, CLASSIFIER, "pyfunc", python_model=str(code),
                          artifacts=artifacts, signature=signature(preprocessing.classes),
                          input_example=input_example(preprocessing),
                          pip_requirements=requirements(),
-                         metadata={"imgcls": preprocessing.to_metadata()})
+                         metadata={"imgcls": {**preprocessing.to_metadata(), **metadata}})

@@ -453,6 +453,10 @@ def promote(
     alias: str = typer.Option("champion", "--alias",
                               help="The alias that moves to the new version."),
     run_id: str | None = typer.Option(None, "--run-id", help="Promote this trial run instead."),
+    ensemble: int | None = typer.Option(
+        None, "--ensemble", min=2, metavar="K",
+        help="Register the top K trials as one model averaging their calibrated "
+             "probabilities, evaluated on the test split first."),
     store: Path | None = StoreOpt,
     tracking_uri: str | None = TrackingOpt,
 ) -> None:
@@ -462,6 +466,14 @@ def promote(
 
     _, tracker = _open_store(store, tracking_uri)
     record = load_record(tracker, study)
+    if ensemble is not None:
+        if run_id is not None:
+            from imgcls.errors import ConfigError
+
+            raise ConfigError("an ensemble is of the top trials: give --ensemble or --run-id, "
+                              "not both")
+        _promote_ensemble(tracker, record, ensemble, metric, name, alias)
+        return
     done = promote_trial(tracker, record, metric=metric, name=name, alias=alias, run_id=run_id)
     previous = (f"; version {done.previous_version} is now @previous"
                 if done.previous_version else "")
@@ -471,6 +483,35 @@ def promote(
                   f"[bold]{done.name}[/] version {done.version}, alias @{alias}{previous}.",
                   soft_wrap=True)
     console.print(done.uri, soft_wrap=True)
+
+
+def _promote_ensemble(tracker: Any, record: Any, k: int, metric: str | None, name: str | None,
+                      alias: str) -> None:
+    from hpo.after.ensemble import COMPARED, promote_ensemble
+
+    done = promote_ensemble(tracker, record, k, metric=metric, name=name, alias=alias)
+    table = Table(title=f"Test split: the ensemble of trials "
+                        f"{', '.join(map(str, done.members))} against trial {done.members[0]} "
+                        f"alone", title_justify="left")
+    for column in ("metric", "ensemble (95% CI)", f"trial {done.members[0]} (95% CI)"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for key in (k for k in COMPARED if k in done.metrics):
+        table.add_row(key, *(_with_ci(scores, key) for scores in (done.metrics, done.best)))
+    console.print(table)
+    previous = (f"; version {done.previous_version} is now @previous"
+                if done.previous_version else "")
+    console.print(f"Registered the ensemble of {len(done.members)} trials (ranked by "
+                  f"{done.metric}; run {done.run_id}) as [bold]{done.name}[/] version "
+                  f"{done.version}, alias @{done.alias}{previous}.", soft_wrap=True)
+    console.print(done.uri, soft_wrap=True)
+
+
+def _with_ci(scores: dict[str, float], key: str) -> str:
+    if key not in scores:
+        return "-"
+    low, high = scores.get(f"{key}_ci_low"), scores.get(f"{key}_ci_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{scores[key]:.4f}{interval}"
 
 
 _ModelArg = typer.Argument(..., metavar="MODEL",

@@ -148,6 +148,10 @@ def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluati
         ids = [data.catalog.ids[i] for i in data.split.indices(held_out)]
         write_predictions(out / f"predictions_{held_out}.csv", ids, evaluation.probs, classes,
                           labels=evaluation.y_true)
+        if held_out == "test" and best_val is not None:  # what an ensemble's threshold needs
+            ids = [data.catalog.ids[i] for i in data.split.indices("val")]
+            write_predictions(out / "predictions_val.csv", ids, best_val.probs, classes,
+                              labels=best_val.y_true)
         run.log_artifacts(out)
 
 

@@ -176,6 +176,16 @@ def has_weights(tracker: Tracker, run_id: str) -> bool:
     return {WEIGHTS_FILE, PREPROCESSING_FILE} <= {f.path.rsplit("/", 1)[-1] for f in files}
 
 
+def run_file(tracker: Tracker, run_id: str, path: str, folder: Path) -> Path | None:
+    """Run `run_id`'s artifact `path`, downloaded into `folder`; None when the run has none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(tracker.client.download_artifacts(run_id, path, str(folder)))
+    except (MlflowException, OSError):
+        return None
+
+
 def load_run_weights(tracker: Tracker, run_id: str
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and the metadata `log_weights` put into run `run_id`; loading runs no
