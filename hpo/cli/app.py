@@ -510,7 +510,7 @@ def _with_ci(scores: dict[str, float], key: str) -> str:
     if key not in scores:
         return "-"
     low, high = scores.get(f"{key}_ci_low"), scores.get(f"{key}_ci_high")
-    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    interval = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
     return f"{scores[key]:.4f}{interval}"
 
 
