@@ -318,9 +318,10 @@ def test_a_store_whose_mlflow_database_is_gone_is_refused_not_silently_split(
     done = subprocess.run([*command, "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert re.fullmatch(r"error: study 'tiny': its trial storage \(journal file .*optuna.journal"
-                        r"\) holds 1 finished trial\(s\), but the MLflow store sqlite:.* has "
-                        r"no run of them .*; restore it, or search into a new --store", line)
+    # the store's manifest says so before any image is read
+    assert re.fullmatch(r"error: the store .*kept holds studies tiny but its MLflow database "
+                        r"mlflow.db is missing while their trials are still here: restore it "
+                        r"from a backup, or search into a new --store", line)
     assert not list(root.glob("checkpoints/tiny/*"))  # nothing was started
 
 
