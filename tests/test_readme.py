@@ -22,7 +22,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -99,22 +98,20 @@ class Server:
     """`mlflow models serve` started from the README's line, in its own process group."""
 
     def __init__(self, command: str, cwd: Path, env: dict[str, str], port: int) -> None:
-        self.port = port
         self.log = (cwd / "serve.log").open("w")
         self.proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail("the model server did not start:\n"
-                                + (cwd / "serve.log").read_text()[-3000:])
-                time.sleep(0.5)
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return True
+
+        try:
+            servers.wait_for(ready, self.proc, "the model server", cwd / "serve.log")
+        except RuntimeError as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
         servers.stop_group(self.proc)

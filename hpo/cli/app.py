@@ -488,6 +488,7 @@ def promote(
 def _promote_ensemble(tracker: Any, record: Any, k: int, metric: str | None, name: str | None,
                       alias: str) -> None:
     from hpo.after.ensemble import COMPARED, promote_ensemble
+    from hpo.cli.progress import with_interval
 
     done = promote_ensemble(tracker, record, k, metric=metric, name=name, alias=alias)
     table = Table(title=f"Test split: the ensemble of trials "
@@ -496,7 +497,8 @@ def _promote_ensemble(tracker: Any, record: Any, k: int, metric: str | None, nam
     for column in ("metric", "ensemble (95% CI)", f"trial {done.members[0]} (95% CI)"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key in (k for k in COMPARED if k in done.metrics):
-        table.add_row(key, *(_with_ci(scores, key) for scores in (done.metrics, done.best)))
+        table.add_row(key, *(with_interval(scores, key, ci_digits=4)
+                                  for scores in (done.metrics, done.best)))
     console.print(table)
     previous = (f"; version {done.previous_version} is now @previous"
                 if done.previous_version else "")
@@ -505,13 +507,6 @@ def _promote_ensemble(tracker: Any, record: Any, k: int, metric: str | None, nam
                   f"{done.version}, alias @{done.alias}{previous}.", soft_wrap=True)
     console.print(done.uri, soft_wrap=True)
 
-
-def _with_ci(scores: dict[str, float], key: str) -> str:
-    if key not in scores:
-        return "-"
-    low, high = scores.get(f"{key}_ci_low"), scores.get(f"{key}_ci_high")
-    interval = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
-    return f"{scores[key]:.4f}{interval}"
 
 
 _ModelArg = typer.Argument(..., metavar="MODEL",

@@ -246,13 +246,16 @@ def summary_table(result: SearchResult, top: int = 5) -> Table:
     for t in ranked[:top]:
         table.add_row(str(t.number), f"{t.value:.4f}", f"{t.best_epoch}/{t.epochs}",
                       *(format_value(t.params.get(name, "")) for name in searched),
-                      _with_interval(t.test, test), f"{t.seconds:.0f}s", (t.run_id or "")[:12])
+                      with_interval(t.test, test), f"{t.seconds:.0f}s", (t.run_id or "")[:12])
     return table
 
 
-def _with_interval(metrics: Mapping[str, float], name: str) -> str:
+def with_interval(metrics: Mapping[str, float], name: str, ci_digits: int = 3) -> str:
+    """`name`'s value and its `<name>_ci_low`/`_ci_high` interval, as "0.9817 [0.962, 0.996]";
+    "-" when `metrics` lacks it."""
     if name not in metrics:
         return "-"
     low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    interval = (f" [{low:.{ci_digits}f}, {high:.{ci_digits}f}]"
+                if low is not None and high is not None else "")
     return f"{metrics[name]:.4f}{interval}"
