@@ -321,8 +321,10 @@ run_search(spec, Store.resolve(sys.argv[2]), SlowTrial1())
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("replaced", [False, True], ids=["as-left", "checkpoint-replaced"])
 def test_a_killed_search_is_restored_and_its_trials_go_on_from_their_checkpoints(
-        study_file: Path, store: Store, tmp_path: Path, ray_runtime: None) -> None:
+        study_file: Path, store: Store, tmp_path: Path, ray_runtime: None,
+        replaced: bool) -> None:
     import ray
 
     marker = tmp_path / "trial-1-training"
@@ -340,6 +342,10 @@ def test_a_killed_search_is_restored_and_its_trials_go_on_from_their_checkpoints
         driver.wait()
     (lost,) = [r for r in _runs(store, "trial") if r.data.tags["imgcls_hpo.trial_number"] == "1"]
     assert lost.data.tags["imgcls_hpo.state"] == "RUNNING"
+    if replaced:  # killed after Tune replaced the checkpoint its saved state names
+        for folder in sorted((store.root / "ray").glob("*/*/checkpoint_*"), reverse=True):
+            number = int(folder.name.removeprefix("checkpoint_"))
+            folder.rename(folder.with_name(f"checkpoint_{number + 1:06d}"))
 
     spec = load_study(str(study_file), {"backend": "ray", "trials": 2, "max_epochs": 12})
     result = run_search(spec, store)

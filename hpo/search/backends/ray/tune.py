@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 import ray
 import torch
+from ray.train._internal.session import _TrainingResult
 from ray.tune import Callback, Stopper, Trainable
 from ray.tune.result import SHOULD_CHECKPOINT
 from ray.tune.search import Searcher
@@ -126,6 +127,25 @@ class RayTrial(Trainable):
                 save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, state)
         elif self._loaded is not None:  # restored, not yet stepped: what it was restored from
             save_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, self._loaded)
+
+    def restore(self, checkpoint_path: Any) -> None:
+        """Go on from the checkpoint Tune names, or, where that one is gone, from the newest
+        of the trial's own that exists: Tune keeps only the newest (num_to_keep) and saves its
+        experiment state a moment later, so a search killed in between names the checkpoint
+        just replaced. With none left the trial starts again in its run."""
+        checkpoint = getattr(checkpoint_path, "checkpoint", None)
+        if checkpoint is not None and checkpoint.filesystem.type_name == "local" \
+                and not Path(checkpoint.path).exists():
+            newer = sorted(Path(checkpoint.path).parent.glob("checkpoint_*"))
+            if not newer:
+                log.warning("trial %s: its checkpoint %s is gone; it starts again",
+                            self._number, checkpoint.path)
+                self._loaded, self._runner = None, None
+                return
+            checkpoint_path = _TrainingResult(
+                checkpoint=ray.tune.Checkpoint.from_directory(str(newer[-1])),
+                metrics=checkpoint_path.metrics)
+        super().restore(checkpoint_path)
 
     def load_checkpoint(self, checkpoint_dir: Any) -> None:
         state, why = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
