@@ -1,7 +1,8 @@
 """Real servers on 127.0.0.1 for the integration tests: PostgreSQL, Redis, an MLflow tracking
-server and a Ray head, each on a free port, in a temporary folder, and stopped by the process
-group it was started in, even when the test fails. A test skips only where the server's binary
-is missing (`.ci/run` installs PostgreSQL and Redis, so CI never skips)."""
+server and a Ray head (with more nodes where asked), each on a free port, in a temporary
+folder, and stopped by the process group it was started in, even when the test fails. A test
+skips only where the server's binary is missing (`.ci/run` installs PostgreSQL and Redis, so CI
+never skips)."""
 
 from __future__ import annotations
 
@@ -182,3 +183,60 @@ def mlflow_server(root: Path) -> Iterator[str]:
     with started(command, root / "mlflow.log") as proc:
         wait_for(ready, proc, "mlflow server", root / "mlflow.log")
         yield url
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # HOST:PORT, what --ray-address takes
+    token_path: Path  # the cluster's token (RAY_AUTH_TOKEN_PATH)
+
+
+@contextmanager
+def ray_head(root: Path, workers: int = 0) -> Iterator[RayHead]:
+    """A Ray head on 127.0.0.1 with token authentication (its token a file in `root`, as a
+    cluster's admin would hand it out), 1 CPU, no dashboard; and `workers` more nodes of 1 CPU
+    joined to it. Each `ray start --block` runs in its own process group, stopped after."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    root.mkdir(parents=True, exist_ok=True)
+    token = root / "auth_token"
+    token.write_text("0123456789abcdef0123456789abcdef")
+    # Ray's sockets live in its temporary folder: a short path (pytest's are long)
+    temp = Path(tempfile.mkdtemp(prefix="imgcls-hpo-ray-"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    port = free_port()
+    head = [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            "--port", str(port), "--num-cpus", "1", "--num-gpus", "0",
+            "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats"]
+    nodes: list[subprocess.Popen] = []
+    try:
+        with started(head, root / "ray-head.log", env) as proc:
+            wait_for(lambda: port_open(port), proc, "ray head", root / "ray-head.log")
+            for k in range(workers):
+                log = root / f"ray-node{k}.log"
+                with open(log, "ab") as out:
+                    nodes.append(subprocess.Popen(
+                        [ray, "start", "--block", "--address", f"127.0.0.1:{port}",
+                         "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus",
+                         "0", "--disable-usage-stats"],
+                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env))
+            _wait_nodes(port, 1 + workers, env, proc, root / "ray-head.log")
+            yield RayHead(f"127.0.0.1:{port}", token)
+    finally:
+        for node in nodes:
+            stop_group(node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_nodes(port: int, count: int, env: dict[str, str], proc: subprocess.Popen,
+                log: Path) -> None:
+    """Until the cluster at `port` has `count` nodes alive (asked in a process of its own)."""
+    address = f"127.0.0.1:{port}"
+    ask = (f"import ray, logging; ray.init(address={address!r}, logging_level=logging.ERROR, "
+           "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))")
+
+    def ready() -> bool:
+        out = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True,
+                             env=env, timeout=60)
+        return out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]
+
+    wait_for(ready, proc, f"a Ray cluster of {count} nodes", log)

@@ -99,6 +99,8 @@ def test_a_trial_config_comes_back_typed_and_inside_the_bounds() -> None:
     ({"objective": ["val_f1:max", "flops:min"]}, "Pareto.* runs on the Optuna backend"),
     ({"ray_address": "10.0.0.1:6379", "gpus": "0,1"},
      "--gpus 0,1 names this machine's GPUs, but trials run on the Ray cluster"),
+    ({"ray_address": "ray://head:10001"}, r"is a Ray Client address; run `imgcls-hpo search` "
+                                          r"on a node of the cluster"),
 ])
 def test_settings_ray_cannot_honour_fail_before_any_data_is_read(
         study_file: Path, override: dict[str, Any], message: str) -> None:

@@ -5,6 +5,7 @@ run them. Each process has its own store folder (its own machine's cache and che
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -149,3 +150,36 @@ def test_processes_opening_an_empty_postgres_at_once_all_open_it(postgres_url: s
 
     done = _open_at_once(postgres_url, 4, CREATE_ATTEMPTS)
     assert [p.returncode for p in done] == [0] * 4, [p.stdout[-400:] for p in done]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path: Path) -> Iterator[servers.RayHead]:
+    with servers.ray_head(tmp_path / "ray", workers=1) as head:
+        yield head
+
+
+@pytest.mark.slow
+def test_joining_a_token_authenticated_ray_cluster_of_two_nodes_says_what_is_wrong(
+        tmp_path: Path, ray_cluster: servers.RayHead) -> None:
+    """A cluster started with token authentication (Ray 2.60's default), joined by address: a
+    wrong token is refused in one line; with the cluster's token the join succeeds, and a
+    local store on a cluster of several nodes is refused in one line."""
+    study = _study(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    search = [*CLI, "search", str(study), "--backend", "ray", "--ray-address",
+              ray_cluster.address, "--trials", "2"]
+
+    def run(args: list[str], **more: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, capture_output=True, text=True, env={**env, **more},
+                              timeout=SEARCH_TIMEOUT_S)
+
+    wrong = run([*search, "--store", str(tmp_path / "wrong")], RAY_AUTH_TOKEN="f" * 32)
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    (line,) = wrong.stderr.strip().splitlines()
+    assert "cannot join the Ray cluster" in line and "token" in line, line
+
+    local = run([*search, "--store", str(tmp_path / "local")],
+                RAY_AUTH_TOKEN_PATH=str(ray_cluster.token_path))
+    assert local.returncode == 2, local.stdout + local.stderr
+    (line,) = local.stderr.strip().splitlines()
+    assert "has 2 nodes" in line and "--tracking-uri" in line, line

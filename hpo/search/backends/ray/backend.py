@@ -96,6 +96,12 @@ class RayBackend:
             # Plan now, before `search` pins its own process to a slot (CUDA_VISIBLE_DEVICES),
             # which would hide the other GPUs from a plan made later.
             self._slots = (spec.gpus, plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers))
+        elif spec.ray_address.startswith("ray://"):
+            # Through Ray Client, Tune runs its driver in an actor on the head, where this
+            # search's trial bookkeeping, live view and Ctrl-C cannot follow it
+            raise ConfigError(f"--ray-address {spec.ray_address} is a Ray Client address; run "
+                              "`imgcls-hpo search` on a node of the cluster instead, with "
+                              "--ray-address HEAD:6379 (or auto)")
         elif "," in spec.gpus or spec.gpus.isdigit():
             raise ConfigError(f"--gpus {spec.gpus} names this machine's GPUs, but trials run "
                               f"on the Ray cluster at {spec.ray_address}; use --gpus all or none")
@@ -170,7 +176,7 @@ class RayStudy:
                         numbers=self.get_attr(NUMBERS), run_ids=self.get_attr(RUN_IDS),
                         remember=self._remember)
         key = str(self.path)
-        with ray_runtime(spec, self.slots):
+        with ray_runtime(spec, self.slots, self.store):
             placement = plan_placement(self.spec, ray.cluster_resources(), self.slots)
             trainable = tune.with_resources(
                 tune.with_parameters(RayTrial, setup=self._setup(ctx, placement)),

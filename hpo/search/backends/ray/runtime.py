@@ -3,18 +3,23 @@ and Tune kept quiet, with Python's Ctrl-C handler given back afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from imgcls.errors import ConfigError, first_line
 from imgcls.train.runtime import available_cores
 
 if TYPE_CHECKING:
+    from hpo.config.store import Store
     from hpo.config.study import StudySpec
     from hpo.search.devices import Slot
 
@@ -23,7 +28,7 @@ CHECKPOINT_EVERY_S = "1"
 
 
 @contextmanager
-def ray_runtime(spec: StudySpec, slots: list[Slot] | None) -> Iterator[None]:
+def ray_runtime(spec: StudySpec, slots: list[Slot] | None, store: Store) -> Iterator[None]:
     """Join the cluster at spec.ray_address, or start a local runtime on this machine's cores
     and the study's GPUs (quietly: no dashboard, workers' output not relayed); shut down
     what was started here. An already running runtime (e.g. a test's) is used as it is."""
@@ -35,19 +40,95 @@ def ray_runtime(spec: StudySpec, slots: list[Slot] | None) -> Iterator[None]:
     # Ray's start-up notes (token authentication, the local address) are not the user's news
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if spec.ray_address:
-        try:
-            ray.init(address=spec.ray_address, **quiet)  # type: ignore[arg-type]
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"cannot join the Ray cluster at {spec.ray_address}: "
-                              f"{first_line(exc)}; check --ray-address") from None
-    else:
-        gpus = sorted({s.cuda_visible_devices or "" for s in slots or [] if s.gpu is not None})
-        with environment(CUDA_VISIBLE_DEVICES=",".join(gpus)):  # Ray sees the study's GPUs
-            ray.init(num_cpus=available_cores(), num_gpus=len(gpus), **quiet)  # type: ignore[arg-type]
+        with environment(**_auth_mode()):
+            _join(spec.ray_address, quiet)
+            try:
+                _check_cluster(spec.ray_address, store)
+                yield
+            finally:
+                ray.shutdown()
+        return
+    gpus = sorted({s.cuda_visible_devices or "" for s in slots or [] if s.gpu is not None})
+    with environment(CUDA_VISIBLE_DEVICES=",".join(gpus)):  # Ray sees the study's GPUs
+        ray.init(num_cpus=available_cores(), num_gpus=len(gpus), **quiet)  # type: ignore[arg-type]
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _auth_mode() -> dict[str, str]:
+    """Token authentication for joining a cluster where this machine has a token (as Ray does
+    for `ray start` and `--address auto`, though not for an address given): RAY_AUTH_TOKEN,
+    the file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token. RAY_AUTH_MODE set by the user wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return {}
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return {"RAY_AUTH_MODE": "token"} if os.environ.get("RAY_AUTH_TOKEN") or \
+        Path(path).is_file() else {}
+
+
+def _join(address: str, quiet: dict[str, object]) -> None:
+    """ray.init on the cluster at `address`, or one line saying why it cannot be joined: Ray's
+    own account of a failed join (dozens of lines from its core, on the process's stderr) is
+    kept out of sight and read for the cause."""
+    import ray
+
+    if "RAY_AUTH_MODE" in os.environ:  # Ray reads its configuration once: read it again
+        with contextlib.suppress(Exception):
+            from ray._raylet import Config
+
+            Config.initialize("")
+    with tempfile.TemporaryFile(mode="w+b") as said:
+        try:
+            with _stderr_to(said):
+                ray.init(address=address, **quiet)  # type: ignore[arg-type]
+            return
+        except Exception as exc:  # Ray raises many kinds here: one line for each
+            said.seek(0)
+            why = _join_failure(exc, said.read().decode(errors="replace"))
+    raise ConfigError(f"cannot join the Ray cluster at {address}: {why}")
+
+
+def _join_failure(exc: BaseException, said: str) -> str:
+    """The cause of a failed join, in a few words, with what to do."""
+    text = f"{exc}\n{said}"
+    if any(k in text for k in ("InvalidAuthToken", "Unauthenticated", "AuthenticationError",
+                               "authentication token", "auth token")):
+        how = ("this machine's token is not the cluster's" if os.environ.get("RAY_AUTH_MODE")
+               == "token" else "it asks for a token and this machine has none")
+        return (f"{how}; copy the head's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or "
+                "RAY_AUTH_TOKEN_PATH) to it")
+    if isinstance(exc, ConnectionError) or "Failed to connect to GCS" in text:
+        return "nothing answers there; check --ray-address (HOST:PORT of the head, e.g. :6379)"
+    return f"{first_line(exc)}; check --ray-address"
+
+
+@contextmanager
+def _stderr_to(file: IO[bytes]) -> Iterator[None]:
+    """The process's stderr (file descriptor 2, where Ray's core writes) sent to `file`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _check_cluster(address: str, store: Store) -> None:
+    """Refuse a cluster of several nodes with a store only this machine can reach: each node's
+    trials would write their runs into their own copy of a local MLflow database."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and store.tracking_is_local:
+        raise ConfigError(
+            f"the Ray cluster at {address} has {len(nodes)} nodes, and a local store "
+            f"({store.root}) would be written on each; use --tracking-uri with an MLflow "
+            "tracking server, and a --store folder every node shares")
 
 
 @contextmanager
