@@ -183,3 +183,13 @@ def test_joining_a_token_authenticated_ray_cluster_of_two_nodes_says_what_is_wro
     assert local.returncode == 2, local.stdout + local.stderr
     (line,) = local.stderr.strip().splitlines()
     assert "has 2 nodes" in line and "--tracking-uri" in line, line
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line_at_once(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    done = subprocess.run([*CLI, "search", str(study), "--backend", "ray", "--ray-address",
+                           f"127.0.0.1:{servers.free_port()}", "--store", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "cannot join the Ray cluster" in line and "nothing answers there" in line, line

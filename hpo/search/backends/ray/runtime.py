@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 # Seconds between saves of Tune's experiment state: what a restore after a crash starts from.
 CHECKPOINT_EVERY_S = "1"
+# Seconds to wait for the head's port to answer before joining a cluster.
+JOIN_TIMEOUT_S = 10
 
 
 @contextmanager
@@ -74,6 +77,14 @@ def _join(address: str, quiet: dict[str, object]) -> None:
     kept out of sight and read for the cause."""
     import ray
 
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():  # Ray retries for minutes where nothing listens: ask first
+        try:
+            socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: nothing answers "
+                              f"there ({exc.strerror or exc}); check --ray-address (HOST:PORT "
+                              "of the head, e.g. :6379)") from None
     if "RAY_AUTH_MODE" in os.environ:  # Ray reads its configuration once: read it again
         with contextlib.suppress(Exception):
             from ray._raylet import Config
