@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager, suppress
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,23 +207,17 @@ def ray_head(root: Path, workers: int = 0) -> Iterator[RayHead]:
     head = [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
             "--port", str(port), "--num-cpus", "1", "--num-gpus", "0",
             "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats"]
-    nodes: list[subprocess.Popen] = []
     try:
-        with started(head, root / "ray-head.log", env) as proc:
+        with started(head, root / "ray-head.log", env) as proc, ExitStack() as nodes:
             wait_for(lambda: port_open(port), proc, "ray head", root / "ray-head.log")
             for k in range(workers):
-                log = root / f"ray-node{k}.log"
-                with open(log, "ab") as out:
-                    nodes.append(subprocess.Popen(
-                        [ray, "start", "--block", "--address", f"127.0.0.1:{port}",
-                         "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus",
-                         "0", "--disable-usage-stats"],
-                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env))
+                nodes.enter_context(started(
+                    [ray, "start", "--block", "--address", f"127.0.0.1:{port}",
+                     "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
+                     "--disable-usage-stats"], root / f"ray-node{k}.log", env))
             _wait_nodes(port, 1 + workers, env, proc, root / "ray-head.log")
             yield RayHead(f"127.0.0.1:{port}", token)
     finally:
-        for node in nodes:
-            stop_group(node)
         shutil.rmtree(temp, ignore_errors=True)
 
 

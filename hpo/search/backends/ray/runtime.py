@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 CHECKPOINT_EVERY_S = "1"
 # Seconds to wait for the head's port to answer before joining a cluster.
 JOIN_TIMEOUT_S = 10
+NOTHING_ANSWERS = "nothing answers there; check --ray-address (HOST:PORT of the head, e.g. :6379)"
 
 
 @contextmanager
@@ -42,22 +43,20 @@ def ray_runtime(spec: StudySpec, slots: list[Slot] | None, store: Store) -> Iter
         return
     # Ray's start-up notes (token authentication, the local address) are not the user's news
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
-    if spec.ray_address:
-        with environment(**_auth_mode()):
+    with contextlib.ExitStack() as stack:
+        if spec.ray_address:
+            stack.enter_context(environment(**_auth_mode()))
             _join(spec.ray_address, quiet)
-            try:
+        else:
+            gpus = sorted({s.cuda_visible_devices or "" for s in slots or [] if s.gpu is not None})
+            with environment(CUDA_VISIBLE_DEVICES=",".join(gpus)):  # Ray sees the study's GPUs
+                ray.init(num_cpus=available_cores(), num_gpus=len(gpus), **quiet)  # type: ignore[arg-type]
+        try:
+            if spec.ray_address:
                 _check_cluster(spec.ray_address, store)
-                yield
-            finally:
-                ray.shutdown()
-        return
-    gpus = sorted({s.cuda_visible_devices or "" for s in slots or [] if s.gpu is not None})
-    with environment(CUDA_VISIBLE_DEVICES=",".join(gpus)):  # Ray sees the study's GPUs
-        ray.init(num_cpus=available_cores(), num_gpus=len(gpus), **quiet)  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        ray.shutdown()
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _auth_mode() -> dict[str, str]:
@@ -82,9 +81,8 @@ def _join(address: str, quiet: dict[str, object]) -> None:
         try:
             socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT_S).close()
         except OSError as exc:
-            raise ConfigError(f"cannot join the Ray cluster at {address}: nothing answers "
-                              f"there ({exc.strerror or exc}); check --ray-address (HOST:PORT "
-                              "of the head, e.g. :6379)") from None
+            raise ConfigError(f"cannot join the Ray cluster at {address} "
+                              f"({exc.strerror or exc}): {NOTHING_ANSWERS}") from None
     if "RAY_AUTH_MODE" in os.environ:  # Ray reads its configuration once: read it again
         with contextlib.suppress(Exception):
             from ray._raylet import Config
@@ -111,7 +109,7 @@ def _join_failure(exc: BaseException, said: str) -> str:
         return (f"{how}; copy the head's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or "
                 "RAY_AUTH_TOKEN_PATH) to it")
     if isinstance(exc, ConnectionError) or "Failed to connect to GCS" in text:
-        return "nothing answers there; check --ray-address (HOST:PORT of the head, e.g. :6379)"
+        return NOTHING_ANSWERS
     return f"{first_line(exc)}; check --ray-address"
 
 
