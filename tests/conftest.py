@@ -39,13 +39,18 @@ def make_image_folder(root: Path, classes: tuple[str, ...] = ("ants", "bees"),
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test runs in its own folder, on CPU, with no store or tracking URI inherited."""
+    """Each test runs in its own folder, on CPU, offline, with no store or tracking URI
+    inherited."""
     monkeypatch.chdir(tmp_path)
     for name in ("MLFLOW_TRACKING_URI", "IMGCLS_HPO_STORE"):
         # set, then delete: teardown restores the variable as it was before the test, even
         # when the test's code set it (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI)
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+    # No test reaches the internet for pretrained weights: a missing file is the offline
+    # one-line error; the download tests serve the file from 127.0.0.1 themselves.
+    monkeypatch.setenv("IMGCLS_HPO_OFFLINE", "1")
+    monkeypatch.delenv("IMGCLS_HPO_WEIGHTS_URL", raising=False)
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 

@@ -196,7 +196,8 @@ def search(
 
     try:
         with SearchProgress(console, where) as progress:
-            result = run_search(spec, where, progress, progress.data_progress)
+            result = run_search(spec, where, progress, progress.data_progress,
+                                progress.download_progress)
     except KeyboardInterrupt:
         err_console.print("\ninterrupted: the running trial is recorded as failed "
                           "(interrupted). Run the same command again to continue the study.")

@@ -11,12 +11,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
     TextColumn,
     TimeElapsedColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -97,14 +99,17 @@ class SearchProgress:
                                console=console)
         self.images = Progress(TextColumn("{task.description}"), BarColumn(),
                                MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.downloads = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  DownloadColumn(), TransferSpeedColumn(), console=console)
         self.best_line = Text("")
         # One live display for everything: rich allows a single one at a time.
-        self.live = Live(Group(self.images, self.trials, self.epochs, self.best_line),
+        self.live = Live(Group(self.downloads, self.images, self.trials, self.epochs,
+                               self.best_line),
                          console=console, refresh_per_second=4, transient=True)
         self.spec: StudySpec | None = None
         self.finished: Trials | None = None  # the trials that ended so far, and count
         self.ran = 0  # trials this search ran to their end (other machines' are not seen)
-        self._trial_task = self._epoch_task = self._images_task = None
+        self._trial_task = self._epoch_task = self._images_task = self._download_task = None
         self._searched: list[str] = []
 
     def __enter__(self) -> SearchProgress:
@@ -122,6 +127,16 @@ class SearchProgress:
         self.images.update(self._images_task, completed=done)
         if done >= total:
             self.images.update(self._images_task, visible=False)
+
+    def download_progress(self, filename: str, done: int, total: int) -> None:
+        """Bytes of a pretrained weights file downloaded so far (total 0: not known)."""
+        if self._download_task is None:
+            self._download_task = self.downloads.add_task(f"downloading {filename}",
+                                                          total=total or None)
+        self.downloads.update(self._download_task, completed=done)
+        if total and done >= total:
+            self.downloads.update(self._download_task, visible=False)
+            self._download_task = None
 
     # -- SearchObserver ------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ class HParams(BaseModel):
     lr_gamma: float = Field(0.1, gt=0, le=1)  # step scheduler: factor per step
     # Model
     arch: str = "simplecnn"  # a name in imgcls.models.MODELS
-    pretrained: bool = False  # start from ImageNet weights (from a local file: nothing downloads)
+    pretrained: bool = False  # ImageNet weights: a local file, or fetched once
     freeze: bool = False  # train the classifier head only
     # Regularization
     weight_decay: float = Field(0.0, ge=0, le=1)  # the optimizer's decay

@@ -34,7 +34,7 @@ from imgcls.metrics import (
     metric_direction,
     metric_goal,
 )
-from imgcls.models.catalog import check_image_size, weights_file
+from imgcls.models.catalog import can_download, check_image_size, find_weights, weights_file
 
 BUNDLED_STUDIES = Path(__file__).parents[1] / "studies"  # hpo/studies: the shipped studies
 
@@ -140,14 +140,22 @@ class StudySpec(BaseModel):
     @model_validator(mode="after")
     def _architectures_can_run(self) -> StudySpec:
         """Every architecture the search may pick takes the image size, and has its weights
-        file when it may start pretrained: found now, not after the data is decoded."""
-        archs = [str(a) for a in self._possible("arch")]
-        for arch in archs:
-            check_image_size(arch, self.data.image_size)
-        if True in self._possible("pretrained"):
-            for arch in archs:
-                weights_file(arch, self.weights_dir)
+        file when it may start pretrained, or the file can be downloaded (`missing_weights`,
+        fetched by the search before it reads any image): found now, not after the data is
+        decoded."""
+        for arch in self._possible("arch"):
+            check_image_size(str(arch), self.data.image_size)
+        if not can_download(self.weights_dir):
+            for arch in self.missing_weights():
+                weights_file(arch, self.weights_dir)  # raises, naming the file and the URL
         return self
+
+    def missing_weights(self) -> list[str]:
+        """The architectures the search may start pretrained whose weights file is not here."""
+        if True not in self._possible("pretrained"):
+            return []
+        return [str(arch) for arch in self._possible("arch")
+                if find_weights(str(arch), self.weights_dir) is None]
 
     @model_validator(mode="after")
     def _enqueued_configurations_fit(self, info: ValidationInfo) -> StudySpec:

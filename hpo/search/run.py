@@ -30,6 +30,7 @@ from imgcls.data.cache import Progress
 from imgcls.data.prepare import PreparedData, prepare_data
 from imgcls.errors import ConfigError
 from imgcls.metrics import check_objective, check_operating_point
+from imgcls.models.download import DownloadProgress, fetch_weights
 
 
 @dataclass
@@ -45,10 +46,12 @@ class SearchResult:
         return self.trials.best
 
 
-def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None = None
+def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None = None,
+                   download_progress: DownloadProgress | None = None,
                    ) -> tuple[Backend, torch.device, PreparedData]:
     """What a search needs before its first trial, every check done first: the backend, the
-    device a trial trains on if it trains in this process, the data, and the store."""
+    device a trial trains on if it trains in this process, the pretrained weights its trials
+    may start from, the data, and the store."""
     store.check_writable()
     store.check_manifest()  # moved, or its database gone: before any image is read
     backend = get_backend(spec.backend)
@@ -58,6 +61,8 @@ def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None
         slots = plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers)  # bad --gpus: now
         if len(slots) == 1:  # one slot trains here; several, in worker processes
             device = apply_slot(slots[0])
+    for arch in spec.missing_weights():  # once, here, not in each trial: a failure is one line
+        fetch_weights(arch, download_progress)
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     check_operating_point(spec.operating_point, data.num_classes)  # a threshold: the same
@@ -66,9 +71,10 @@ def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None
 
 
 def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = None,
-               data_progress: Progress | None = None) -> SearchResult:
+               data_progress: Progress | None = None,
+               download_progress: DownloadProgress | None = None) -> SearchResult:
     observer = observer or NullObserver()
-    backend, device, data = prepare_search(spec, store, data_progress)
+    backend, device, data = prepare_search(spec, store, data_progress, download_progress)
     with store.locked():  # processes started together: one database, one study run
         tracker = Tracker(store.tracking_uri,
                           store.artifact_root if store.tracking_is_local else None)

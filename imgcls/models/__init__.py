@@ -1,12 +1,15 @@
 """Models by name: a catalog of architectures (what each takes and costs, importable without
 torch), a builder per architecture adapted to classes, channels and dropout, pretrained ImageNet
-weights read from local files, and an optionally frozen backbone."""
+weights read from local files (or fetched once into torch hub's cache), and an optionally
+frozen backbone."""
 
 from imgcls.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(("MODELS", "Architecture", "Reference", "REFERENCE_SIZE", "check_image_size",
-                     "smallest_image_size", "weights_file"), "imgcls.models.catalog"),
+                     "smallest_image_size", "weights_file", "find_weights", "can_download"),
+                    "imgcls.models.catalog"),
+    "fetch_weights": "imgcls.models.download",
     **dict.fromkeys(("BUILDERS", "Builder", "builds", "classifier_head", "freeze_backbone",
                      "head_module", "with_in_channels"), "imgcls.models.builders"),
     "build_model": "imgcls.models.build",

@@ -3,9 +3,9 @@
 Each entry says what the rest of the library needs to know of an architecture before any model
 exists: the image sizes it takes and why, where its first convolution and its classifier head
 are, the layer Grad-CAM explains, which torchvision ImageNet weights `pretrained=True` reads
-(from a local file only), and what it costs at the reference input (1000 classes, one 224 px RGB
-image). The costs are measured, written down here, and measured again by tests/test_models.py:
-metadata is checked, not trusted.
+(from a local file; imgcls.models.download fetches a missing one), and what it costs at the
+reference input (1000 classes, one 224 px RGB image). The costs are measured, written down
+here, and measured again by tests/test_models.py: metadata is checked, not trusted.
 
 Importing this module imports no torch, so that a study is validated (an unknown architecture, a
 size it cannot take, a missing weights file) and `imgcls-hpo models` lists the costs in a
@@ -82,24 +82,70 @@ def smallest_image_size(name: str) -> int:
     return -(-arch.min_image_size // arch.multiple_of) * arch.multiple_of
 
 
+# Where pretrained weights may come from. Offline (this variable set to 1, or `weights_dir` given:
+# the user keeps the files), a missing file is an error naming it; else it is downloaded once
+# into torch hub's cache, from torchvision's URL or from a mirror of download.pytorch.org/models.
+OFFLINE_ENV = "IMGCLS_HPO_OFFLINE"
+MIRROR_ENV = "IMGCLS_HPO_WEIGHTS_URL"
+
+
+def find_weights(name: str, weights_dir: str | Path | None = None) -> Path | None:
+    """The local file of `name`'s ImageNet weights, or None where it is not (yet): `weights_dir`
+    first, then torch hub's cache (`torch.hub.get_dir()/checkpoints`, which honours
+    $TORCH_HOME). The file name is the one torchvision downloads, e.g. resnet18-f37072fd.pth."""
+    filename = pretrained_filename(name)
+    for folder in _weights_folders(weights_dir):
+        if (folder / filename).is_file():
+            return folder / filename
+    return None
+
+
 def weights_file(name: str, weights_dir: str | Path | None = None) -> Path:
-    """The local file of `name`'s ImageNet weights: `weights_dir` first, then torch hub's cache
-    (`torch.hub.get_dir()/checkpoints`, which honours $TORCH_HOME). The file name is the one
-    torchvision downloads, e.g. resnet18-f37072fd.pth."""
-    arch = MODELS.get(name)
-    filename = arch.weights_filename
+    """`find_weights`, or a ConfigError naming the file, the folders and the URL."""
+    found = find_weights(name, weights_dir)
+    if found is not None:
+        return found
+    folders = _weights_folders(weights_dir)
+    where = " or ".join(str(folder) for folder in folders)
+    raise ConfigError(f"pretrained {name} needs {pretrained_filename(name)}, not found in "
+                      f"{where}; on a machine with internet download {weights_url(name)} and "
+                      f"copy it into {folders[0]}")
+
+
+def can_download(weights_dir: str | Path | None = None) -> bool:
+    """Whether a missing weights file is fetched: not with `weights_dir` (the user's own
+    folder) and not with $IMGCLS_HPO_OFFLINE set to anything but 0."""
+    return weights_dir is None and os.environ.get(OFFLINE_ENV, "0") in ("", "0")
+
+
+def weights_url(name: str) -> str:
+    """Where `name`'s weights are fetched from: torchvision's URL, or its file under the mirror
+    $IMGCLS_HPO_WEIGHTS_URL."""
+    mirror = os.environ.get(MIRROR_ENV)
+    filename = pretrained_filename(name)
+    if mirror:
+        return mirror.rstrip("/") + "/" + filename
+    return str(MODELS.get(name).weights_url)
+
+
+def hub_checkpoints() -> Path:
+    """torch hub's folder of downloaded weights, where a download goes."""
+    return _hub_dir() / "checkpoints"
+
+
+def pretrained_filename(name: str) -> str:
+    """The file name torchvision downloads `name`'s weights as; a ConfigError for an
+    architecture without pretrained weights."""
+    filename = MODELS.get(name).weights_filename
     if filename is None:
         raise ConfigError(f"{name} has no pretrained weights; train it from scratch "
                           f"(pretrained off) or pick a torchvision architecture")
+    return filename
+
+
+def _weights_folders(weights_dir: str | Path | None) -> list[Path]:
     folders = [Path(weights_dir).expanduser()] if weights_dir is not None else []
-    folders.append(_hub_dir() / "checkpoints")
-    for folder in folders:
-        if (folder / filename).is_file():
-            return folder / filename
-    where = " or ".join(str(folder) for folder in folders)
-    raise ConfigError(f"pretrained {name} needs {filename}, not found in {where}; on a "
-                      f"machine with internet download {arch.weights_url} and copy it into "
-                      f"{folders[0]}")
+    return [*folders, hub_checkpoints()]
 
 
 def _hub_dir() -> Path:
