@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -274,6 +275,106 @@ def _ui_hint(where: Any, store_arg: Path | None) -> str:
     flag = f" --store {store_arg}" if store_arg else ""
     return (f"Compare the trials in the MLflow UI: [bold]imgcls-hpo ui{flag}[/], "
             "then open http://127.0.0.1:5000")
+
+
+@app.command()
+@user_errors
+def init(
+    data: Path | None = typer.Argument(
+        None, help="Your images: a folder with a sub-folder per class (or train/ and val/ "
+                   "folders of them), a CSV manifest (path,label[,split][,group]) or a .npz."),
+    out: Path | None = typer.Option(None, "--out", help="The study file to write "
+                                    "(default: NAME.yaml in the current folder)."),
+    name: str | None = typer.Option(None, "--name", help="The study's name (default: the "
+                                    "data's folder or file name)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing study file."),
+    device_check: bool = typer.Option(
+        False, "--device-check",
+        help="Also train a few steps on each device a search would use, and say how long one "
+             "takes (alone: without DATA)."),
+) -> None:
+    """Inspect your images and write a study for them that `search` runs as it is."""
+    from hpo.config.draft import Machine, draft_study, study_name
+    from hpo.config.study import StudyError, load_study
+    from hpo.search.devices import check_device, describe_slots, plan_slots
+
+    if data is None and not device_check:
+        raise StudyError("init needs your data (a folder, a .csv or a .npz), or --device-check")
+    slots = plan_slots()
+    console.print("Trials will train on " + "; ".join(describe_slots(slots)), soft_wrap=True)
+    if device_check:
+        for device in sorted({s.device if s.gpu is None else f"cuda:{s.gpu}" for s in slots}):
+            console.print("  " + check_device(device), soft_wrap=True)
+    if data is None:
+        return
+    summary = _inspect_with_progress(data)
+    study = name or study_name(summary.path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
+        raise StudyError(f"--name {study!r}: a study name takes letters, digits, '-', '_' and "
+                         "'.' only")
+    path = out or Path(f"{study}.yaml")
+    if path.suffix not in (".yaml", ".yml"):
+        raise StudyError(f"--out {path}: a study file ends in .yaml")
+    if path.exists() and not force:
+        raise StudyError(f"{path} exists; pass --force to overwrite it, or --out another file")
+    draft = draft_study(summary, Machine.here())
+    _print_summary(summary)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        tmp.write_text(draft.text, encoding="utf-8")
+        try:
+            load_study(str(tmp.resolve()), {"name": study})  # what search will read: checked first
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(path)
+    except OSError as exc:
+        raise StudyError(f"cannot write {path}: {exc.strerror or exc}") from None
+    console.print(f"Wrote {path}: {'; '.join(draft.choices)}.", soft_wrap=True)
+    command = f"imgcls-hpo search {path}"
+    console.print(f"Run it:\n  {command}", soft_wrap=True)
+
+
+def _inspect_with_progress(data: Path) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from imgcls.data.inspect import inspect_data
+
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("reading the images", total=None)
+        return inspect_data(data, progress=lambda done, total: bar.update(
+            task, completed=done, total=total))
+
+
+def _print_summary(summary: Any) -> None:
+    from imgcls.data.sources import listing
+
+    console.print(f"{summary.path} ({summary.source}): {summary.usable:,} usable images",
+                  soft_wrap=True)
+    table = Table()
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("share", justify="right")
+    for cls, n in zip(summary.classes, summary.counts, strict=True):
+        table.add_row(cls, f"{n:,}", f"{n / max(summary.usable, 1):.0%}")
+    console.print(table)
+    low, mid, high = summary.side_quantiles(0.0, 0.5, 1.0)
+    modes = ", ".join(f"{mode} {n:,}" for mode, n in summary.modes.most_common())
+    facts = [f"imbalance {summary.imbalance:.1f}:1",
+             f"shorter side {low}..{high} px (median {mid})", f"modes {modes}"]
+    if summary.given_splits:
+        facts.append("split given: " + ", ".join(f"{k} {n:,}"
+                                                 for k, n in summary.given_splits.items()))
+    if summary.grouped:
+        facts.append(f"{len(set(summary.catalog.groups))} groups")
+    console.print("; ".join(facts), soft_wrap=True)
+    if summary.unusable:
+        n = len(summary.unusable)
+        console.print(f"[yellow]{n} file{'s are' if n > 1 else ' is'} not a usable image[/] "
+                      f"(left out; listed in the study file): {listing(list(summary.unusable))}",
+                      soft_wrap=True)
 
 
 @app.command()
@@ -623,6 +724,9 @@ def samples(
     count: int = typer.Option(8, "--count", min=1, help="How many images, the classes in turn."),
     data: str | None = typer.Option(None, "--data",
                                     help="The image folder, CSV manifest or .npz file."),
+    folders: bool = typer.Option(False, "--by-class",
+                                 help="One sub-folder per class (the layout `init` and the "
+                                      "folder source read) instead of <class>_<id>.png."),
     store: Path | None = StoreOpt,
 ) -> None:
     """Write a few held-out test images of a study as PNG files, as the model sees them (its
@@ -640,15 +744,17 @@ def samples(
     labels = prepared.labels[held_out].numpy()
     by_class = [list(held_out[labels == k]) for k in range(prepared.num_classes)]
     chosen = [i for row in itertools.zip_longest(*by_class) for i in row if i is not None][:count]
-    out.mkdir(parents=True, exist_ok=True)
     for index in chosen:
         pixels = prepared.images[index].numpy()
         image = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
         name = Path(prepared.catalog.ids[index]).stem
         label = prepared.classes[int(prepared.labels[index])]
-        Image.fromarray(image).save(out / f"{label}_{name}.png")
-    console.print(f"{len(chosen)} {split} images of study {spec.name} written to {out}/, named "
-                  "<class>_<id>.png", soft_wrap=True)
+        path = out / label / f"{name}.png" if folders else out / f"{label}_{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    layout = "in a folder per class" if folders else "named <class>_<id>.png"
+    console.print(f"{len(chosen)} {split} images of study {spec.name} written to {out}/, "
+                  f"{layout}", soft_wrap=True)
 
 
 def main() -> None:

@@ -159,3 +159,53 @@ def apply_slot(slot: Slot) -> torch.device:
     if slot.cuda_visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
     return torch.device(slot.device)
+
+
+def describe_slots(slots: list[Slot]) -> list[str]:
+    """What trains on what, a line per device: for `init` and `init --device-check`."""
+    if slots[0].gpu is None:
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is built without CUDA"
+        elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+            why = f"no CUDA device visible (CUDA_VISIBLE_DEVICES={visible!r})"
+        else:
+            why = (f"torch is built for CUDA {torch.version.cuda} but sees no device (no GPU, "
+                   "or no driver)")
+        per = "one trial at a time" if len(slots) == 1 else f"{len(slots)} trials at a time"
+        return [f"the CPU: {per}, {slots[0].threads} thread(s) each ({why})"]
+    gpus = {info.index: info for info in discover_gpus()}
+    lines = []
+    for gpu in sorted({s.gpu for s in slots if s.gpu is not None}):
+        info = gpus[gpu]
+        share = sum(s.gpu == gpu for s in slots)
+        lines.append(f"cuda:{gpu} {info.name} ({info.memory_bytes / 2**30:.0f} GiB): "
+                     f"{share} trial(s) at a time")
+    return lines
+
+
+def check_device(device: str, arch: str = "resnet18", batch: int = 8, size: int = 64) -> str:
+    """Train `arch` for a few steps on `device`: how long one step takes, or why it fails."""
+    import time
+
+    from imgcls.models import build_model
+
+    try:
+        model = build_model(arch, 2, 3, image_size=size).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        images = torch.rand(batch, 3, size, size, device=device)
+        labels = torch.zeros(batch, dtype=torch.long, device=device)
+        times = []
+        for _ in range(3):  # the first step pays for allocation and kernel selection
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    except Exception as exc:  # a driver, memory or kernel failure: said, not raised
+        from imgcls.errors import first_line
+
+        return f"{device}: training fails ({first_line(exc)})"
+    return (f"{device}: a {arch} training step on {batch} images of {size} px takes "
+            f"{min(times) * 1000:.0f} ms")

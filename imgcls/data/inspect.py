@@ -1,0 +1,145 @@
+"""What a data set holds, before a study is written for it: classes and counts, the split its
+layout gives, image sizes and modes, and the files a search would refuse.
+
+The unusable files are found the way a search finds them (`cache.decode`, with the same
+placeholder and size checks), so that a study written from this summary does not stop on them
+later. Nothing is written: no cache, no store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgcls.data.cache import MAX_PIXELS, Progress, decode
+from imgcls.data.sources import Catalog, open_source
+from imgcls.data.split import SPLIT_NAMES
+from imgcls.errors import DataError, first_line
+
+# Modes whose pixels are gray levels: a set of them all trains on one channel.
+GRAY = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """One image's header: its stored size and PIL mode (None: it could not be opened)."""
+
+    width: int
+    height: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    source: str  # the data source's name: folder, csv or npz
+    path: Path
+    catalog: Catalog
+    facts: tuple[ImageFacts | None, ...]  # per catalog image
+    unusable: tuple[str, ...]  # "id (reason)", in catalog order
+    unusable_index: tuple[int, ...]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.catalog.classes
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Usable images per class."""
+        keep = np.ones(len(self.catalog), dtype=bool)
+        keep[list(self.unusable_index)] = False
+        labels = self.catalog.labels[keep]
+        return tuple(int(n) for n in np.bincount(labels, minlength=len(self.classes)))
+
+    @property
+    def usable(self) -> int:
+        return len(self.catalog) - len(self.unusable)
+
+    @property
+    def imbalance(self) -> float:
+        """The largest class over the smallest (1: balanced)."""
+        counts = [n for n in self.counts if n]
+        return max(counts) / min(counts) if counts else 1.0
+
+    @property
+    def given_splits(self) -> dict[str, int] | None:
+        """Images per split the layout gives (train/, val/, test/ folders), or None."""
+        if self.catalog.given is None:
+            return None
+        found = Counter(int(g) for g in self.catalog.given)
+        return {name: found[i] for i, name in enumerate(SPLIT_NAMES) if found[i]}
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the source names a group (patient, subject) per image."""
+        return self.catalog.groups is not None
+
+    @property
+    def modes(self) -> Counter[str]:
+        return Counter(f.mode for f in self.facts if f is not None)
+
+    @property
+    def grayscale(self) -> bool:
+        modes = self.modes
+        return bool(modes) and set(modes) <= GRAY
+
+    def side_quantiles(self, *qs: float) -> tuple[int, ...]:
+        """Quantiles of each image's shorter side, in pixels."""
+        sides = [min(f.width, f.height) for f in self.facts if f is not None]
+        if not sides:
+            return tuple(0 for _ in qs)
+        return tuple(int(v) for v in np.quantile(sides, qs))
+
+
+def guess_source(path: Path) -> str:
+    """The data source that reads `path`: a folder, a CSV manifest or an .npz archive."""
+    if path.is_dir():
+        return "folder"
+    if not path.exists():
+        raise DataError(f"data not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix == ".npz":
+        return "npz"
+    raise DataError(f"{path} is neither a folder, a .csv manifest nor an .npz archive")
+
+
+def inspect_data(path: str | Path, source: str | None = None,
+                 classes: Sequence[str] | None = None, *, min_side: int = 16,
+                 max_pixels: int = MAX_PIXELS, progress: Progress | None = None) -> DataSummary:
+    """Scan `path` and open every image once: its header, and whether a search could use it."""
+    path = Path(path).expanduser()
+    name = source or guess_source(path)
+    reader = open_source(name, path, classes)
+    catalog = reader.scan()  # a missing class folder, an empty one, a bad CSV row: DataError
+    check = min_side if reader.may_hold_placeholders else None
+
+    def look(index: int) -> tuple[ImageFacts | None, str | None]:
+        facts = None
+        try:
+            with reader.load(index) as image:
+                facts = ImageFacts(image.width, image.height, image.mode)
+                _, reason = decode(image, 64, 3, check, max_pixels)  # the search's checks
+            return facts, reason
+        except Exception as exc:  # any decoder error: not a usable image
+            return facts, first_line(exc)
+
+    facts: list[ImageFacts | None] = []
+    notes: list[str] = []
+    bad: list[int] = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for index, (fact, reason) in enumerate(pool.map(look, range(len(catalog)))):
+            facts.append(fact)
+            if reason is not None:
+                notes.append(f"{catalog.ids[index]} ({reason})")
+                bad.append(index)
+            done = index + 1
+            if progress and (done % 64 == 0 or done == len(catalog)):
+                progress(done, len(catalog))
+    return DataSummary(name, path, catalog, tuple(facts), tuple(notes), tuple(bad))
