@@ -16,7 +16,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hpo.cli import app
-from tests.conftest import make_image_folder
 
 runner = CliRunner()
 
@@ -28,50 +27,6 @@ def _bad_input(args: list[str], message: str) -> None:
     assert len(lines) == 1, result.output  # one line, no traceback
     assert lines[0].startswith("error: ")
     assert message in lines[0], lines[0]
-
-
-def test_unknown_study() -> None:
-    _bad_input(["search", "digitz"],
-               "unknown study 'digitz' (known: brain-mri, digits, insects, tb, tissue)")
-
-
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--lr", "abc"], "lr: 'abc' is not a number"),
-    (["--lr", "0.1..0.01"], "lr: LOW 0.1 is above HIGH 0.01"),
-    (["--batch-size", "16..x"], "batch_size: 'x' is not an integer"),
-    (["--dropout", "0..2"], "dropout: Input should be less than 1"),
-    (["--param", "optimizer"], "expected NAME=SPEC"),
-    (["--param", "colour=red"], "unknown hyperparameter 'colour'"),
-    (["--sampler", "annealing"], "unknown sampler 'annealing' (known:"),
-])
-def test_malformed_or_impossible_search_space(flags: list[str], message: str) -> None:
-    _bad_input(["search", "digits", *flags], message)
-
-
-def test_unknown_architecture_lists_the_known_ones() -> None:
-    _bad_input(["search", "digits", "--arch", "resnet19"],
-               "unknown architecture 'resnet19'; did you mean 'resnet18'? (known: resnet18,")
-
-
-def test_missing_data_folder(tmp_path: Path) -> None:
-    _bad_input(["search", "tissue", "--data", str(tmp_path / "nowhere")], "data folder not found")
-    assert not (tmp_path / "mlruns").exists()  # bad input leaves nothing behind
-
-
-def test_study_needing_data_without_data() -> None:
-    _bad_input(["search", "tissue"], "needs a data folder: pass --data PATH")
-
-
-def test_empty_data_folder(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    _bad_input(["search", "tissue", "--data", str(tmp_path / "empty")], "has no class sub-folders")
-
-
-def test_class_folder_without_images(tmp_path: Path) -> None:
-    root = make_image_folder(tmp_path / "xrays", classes=("health",), per_class=2)
-    (root / "tb").mkdir()
-    (root / "tb" / "readme.txt").write_text("scans to come")
-    _bad_input(["search", "tissue", "--data", str(root)], "class folder 'tb'")
 
 
 def test_models_json_reports_parameters_and_flops() -> None:
@@ -90,17 +45,6 @@ def test_models_table_skips_what_cannot_take_the_image_size() -> None:
     assert result.exit_code == 0, result.output
     assert "vgg11_bn" in result.output and "needs images of at least 32px" in result.output
     assert "resnet18" in result.output
-
-
-@pytest.mark.parametrize("command", [["results", "digits"], ["promote", "digits"],
-                                     ["predict", "digits", "."], ["explain", "digits", ".",
-                                                                  "--out", "x"]])
-def test_commands_after_a_search_need_a_store(command: list[str], tmp_path: Path) -> None:
-    _bad_input([*command, "--store", str(tmp_path / "none")], "no MLflow store at")
-
-
-def test_ui_needs_a_store(tmp_path: Path) -> None:
-    _bad_input(["ui", "--store", str(tmp_path / "none")], "no MLflow store at")
 
 
 @pytest.mark.slow
@@ -197,12 +141,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_store_that_is_a_file(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("")
-    _bad_input(["search", "digits", "--store", str(tmp_path / "notes.txt")],
-               "is a file, not a folder")
-
-
 def test_unexpected_failures_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
@@ -224,37 +162,6 @@ def test_a_search_where_no_trial_completes_exits_1(study_file: Path, tmp_path: P
     assert last.count("(1 trial)") + 2 * last.count("(2 trials)") == 2
 
 
-def test_an_unreachable_tracking_server_is_reported_at_once() -> None:
-    # MLflow's own client would retry for minutes before failing with a traceback
-    _bad_input(["search", "digits", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
-               "cannot reach the MLflow tracking server at http://127.0.0.1:")
-
-
-def test_an_unusable_optuna_storage_is_reported(study_file: Path, tmp_path: Path) -> None:
-    _bad_input(["search", str(study_file), "--store", str(tmp_path / "s"),
-                "--storage", "sqlite:////nonexistent/folder/optuna.db"],
-               "cannot open the Optuna storage sqlite:////nonexistent/folder/optuna.db: "
-               "(sqlite3.OperationalError) unable to open database file")
-
-
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--set", "data.split"], "expected KEY=VALUE"),
-    (["--set", "space.lr=0.1"], "search-space entries take --param"),
-    (["--set", "data.split=halves"], "unknown split method 'halves'"),
-    (["--set", "data.classes=[ants]"], "must be at least two distinct"),
-    (["--set", "data.group_pattern=(unclosed"], "not a valid regular expression"),
-    (["--operating-point", "sens=2"], "operating point 'sens=2': use argmax, youden"),
-])
-def test_study_settings_from_the_command_line_are_checked(study_file: Path, flags: list[str],
-                                                          message: str) -> None:
-    _bad_input(["search", str(study_file), *flags], message)
-
-
-def test_a_given_split_needs_a_source_that_gives_one(study_file: Path) -> None:
-    _bad_input(["search", str(study_file), "--set", "data.split=given"],
-               "split 'given' needs train/ and val/ folders")
-
-
 def test_unusable_images_are_named_with_the_way_out(study_file: Path,
                                                     image_folder: Path) -> None:
     Image.new("RGB", (4, 4)).save(image_folder / "bees" / "thumb.png")
@@ -271,18 +178,6 @@ def test_a_redis_storage_without_its_client_says_what_to_install(
                 "--storage", "redis://:hunter2@localhost:6379"],
                "--storage redis://***@localhost:6379 needs the redis package: "
                "pip install 'imgcls-hpo[redis]'")
-
-
-def test_a_database_that_cannot_be_opened_is_one_line_that_never_shows_its_password(
-        study_file: Path, tmp_path: Path) -> None:
-    url = f"postgresql://optuna:hunter2@127.0.0.1:{_free_port()}/optuna"  # nothing listens
-    result = runner.invoke(app, ["search", str(study_file), "--store", str(tmp_path / "s"),
-                                 "--storage", url])
-    assert result.exit_code == 2, result.output
-    (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: cannot open the Optuna storage "
-                           f"postgresql://optuna:***@127.0.0.1:{url.rsplit(':', 1)[1]}")
-    assert "hunter2" not in result.output
 
 
 def test_a_missing_database_driver_names_the_extra_that_installs_it() -> None:

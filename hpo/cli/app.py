@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer._click.exceptions import UsageError  # typer 0.29 carries its own click
+from typer.core import TyperGroup
 
 # Light imports only, for the help texts: registries of names and the hyperparameters' types
 # (none of these imports torch, Optuna, Ray or MLflow; tests/test_layout.py checks it).
@@ -33,12 +35,31 @@ from hpo.search.backends.ray.schedulers import RAY_SAMPLERS, SCHEDULERS
 from imgcls.errors import ImgclsError
 from imgcls.metrics import OBJECTIVE_METRICS
 
-app = typer.Typer(
-    name="imgcls-hpo", no_args_is_help=True, add_completion=False,
-    help="Experiment-tracked hyperparameter search for image classification.",
-)
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+
+def _error_line(message: str) -> None:
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+class _Commands(TyperGroup):
+    """The commands, whose usage errors (a missing argument, an unknown option, a value out of
+    range) are one line like every other bad input, not click's boxed usage text."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            _error_line(f"{exc.format_message()} (see {where} --help)")
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    name="imgcls-hpo", cls=_Commands, no_args_is_help=True, add_completion=False,
+    help="Experiment-tracked hyperparameter search for image classification.",
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,7 +72,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ImgclsError as exc:
-            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+            _error_line(str(exc))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -296,28 +317,33 @@ def init(
     """Inspect your images and write a study for them that `search` runs as it is."""
     from hpo.config.draft import Machine, draft_study, study_name
     from hpo.config.study import StudyError, load_study
-    from hpo.search.devices import check_device, describe_slots, plan_slots
+    from hpo.search.devices import check_device, describe_slots, discover_gpus, plan_slots
+    from imgcls.train.runtime import available_cores
 
     if data is None and not device_check:
         raise StudyError("init needs your data (a folder, a .csv or a .npz), or --device-check")
+    path = None
+    if data is not None:
+        study = name or study_name(data.expanduser())
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
+            raise StudyError(f"--name {study!r}: a study name takes letters, digits, '-', '_' "
+                             "and '.' only")
+        path = out or Path(f"{study}.yaml")
+        if path.suffix not in (".yaml", ".yml"):
+            raise StudyError(f"--out {path}: a study file ends in .yaml")
+        if path.exists() and not force:
+            raise StudyError(f"{path} exists; pass --force to overwrite it, or --out another "
+                             "file")
+        summary = _inspect_with_progress(data)
+        machine = Machine(tuple(g.name for g in discover_gpus()), available_cores())
+        draft = draft_study(summary, machine)  # no split can be made: said here
     slots = plan_slots()
     console.print("Trials will train on " + "; ".join(describe_slots(slots)), soft_wrap=True)
     if device_check:
         for device in sorted({s.device if s.gpu is None else f"cuda:{s.gpu}" for s in slots}):
             console.print("  " + check_device(device), soft_wrap=True)
-    if data is None:
+    if data is None or path is None:
         return
-    summary = _inspect_with_progress(data)
-    study = name or study_name(summary.path)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
-        raise StudyError(f"--name {study!r}: a study name takes letters, digits, '-', '_' and "
-                         "'.' only")
-    path = out or Path(f"{study}.yaml")
-    if path.suffix not in (".yaml", ".yml"):
-        raise StudyError(f"--out {path}: a study file ends in .yaml")
-    if path.exists() and not force:
-        raise StudyError(f"{path} exists; pass --force to overwrite it, or --out another file")
-    draft = draft_study(summary, Machine.here())
     _print_summary(summary)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +42,13 @@ class Machine:
     gpus: tuple[str, ...]
     cores: int
 
-    @classmethod
-    def here(cls) -> Machine:
-        from hpo.search.devices import discover_gpus
-        from imgcls.train.runtime import available_cores
 
-        return cls(tuple(g.name for g in discover_gpus()), available_cores())
-
-
-@dataclass
+@dataclass(frozen=True)
 class Draft:
     """A study's YAML text, and the choices it made, in a few words each."""
 
     text: str
-    choices: list[str] = field(default_factory=list)
+    choices: list[str]
 
 
 def study_name(path: Path) -> str:
@@ -65,29 +58,39 @@ def study_name(path: Path) -> str:
     return name or "my-images"
 
 
+@dataclass(frozen=True)
+class Choices:
+    """What a drafted study sets, before it is written out."""
+
+    gpu: bool
+    archs: list[str]
+    pretrained: bool
+    size: int
+    channels: int
+    split: str
+    val: float
+    test: float
+    batches: list[int]
+    weighted: bool  # a class-weighted loss
+    threshold: bool  # two imbalanced classes: a Youden operating point
+
+    def words(self, summary: DataSummary) -> list[str]:
+        """The choices in a few words each, for the line that says what was written."""
+        start = "pretrained: " if self.pretrained else "from scratch: "
+        words = [start + " and ".join(self.archs),
+                 f"{self.size} px, {self.channels} channel{'s' if self.channels == 3 else ''}",
+                 f"{self.split} split" + ("" if self.split == "given"
+                                          else f" (val {self.val:.0%}, test {self.test:.0%})")]
+        if self.weighted:
+            words.append(f"class-weighted loss ({summary.imbalance:.1f}:1 imbalance)")
+        if self.threshold:
+            words.append("Youden threshold")
+        return words
+
+
 def draft_study(summary: DataSummary, machine: Machine, seed: int = 0) -> Draft:
     """The study for `summary` on `machine`; DataError when no split can be made of it."""
-    gpu = bool(machine.gpus)
-    archs, pretrained = _architectures(gpu)
-    size = _image_size(summary, gpu)
-    channels = 1 if summary.grayscale else 3
-    split, val, test = _split(summary)
-    _check_split(summary, split, val, test, seed)
-    train_images = summary.usable * (1 - val - test) if split != "given" else \
-        (summary.given_splits or {}).get("train", summary.usable)
-    batches = [b for b in ((32, 64, 128) if gpu else (16, 32, 64)) if b <= train_images / 4]
-    batches = batches or [8]
-    weighted = summary.imbalance >= IMBALANCED
-    binary = len(summary.classes) == 2
-    draft = Draft("")
-    c = draft.choices
-    c.append(("pretrained " if pretrained else "from scratch: ") + " and ".join(archs))
-    c.append(f"{size} px, {channels} channel{'s' if channels == 3 else ''}")
-    c.append(f"{split} split" + ("" if split == "given" else f" (val {val:.0%}, test {test:.0%})"))
-    if weighted:
-        c.append(f"class-weighted loss ({summary.imbalance:.1f}:1 imbalance)")
-    trials, epochs = (40, 25) if gpu else (20, 15)
-
+    choices = choose(summary, machine, seed)
     lines = [
         f"# Written by `imgcls-hpo init` for {summary.path} ({summary.source}):",
         f"# {summary.usable} usable images in {len(summary.classes)} classes "
@@ -96,40 +99,71 @@ def draft_study(summary: DataSummary, machine: Machine, seed: int = 0) -> Draft:
         "# Every choice below is a starting point: edit it, or override it on the command line",
         "# (imgcls-hpo search --help).",
         f"description: {_q(f'{summary.path.name}: ' + ', '.join(summary.classes))}",
+        *_data_lines(summary, choices),
+        *_search_lines(summary, choices, seed),
+    ]
+    if summary.unusable:
+        lines.append("# Not usable (left out by skip_bad_images):")
+        lines += [f"#   {note}" for note in summary.unusable[:MAX_LISTED]]
+        if len(summary.unusable) > MAX_LISTED:
+            lines.append(f"#   and {len(summary.unusable) - MAX_LISTED} more")
+    return Draft("\n".join(lines) + "\n", choices.words(summary))
+
+
+def choose(summary: DataSummary, machine: Machine, seed: int = 0) -> Choices:
+    """The settings for `summary` on `machine` (see the module docstring); the split is made
+    once here, so that one that cannot be made is a DataError now."""
+    gpu = bool(machine.gpus)
+    archs, pretrained = _architectures(gpu)
+    split, val, test = _split(summary)
+    _check_split(summary, split, val, test, seed)
+    train_images = summary.usable * (1 - val - test) if split != "given" else \
+        (summary.given_splits or {}).get("train", summary.usable)
+    batches = [b for b in ((32, 64, 128) if gpu else (16, 32, 64)) if b <= train_images / 4]
+    weighted = summary.imbalance >= IMBALANCED
+    return Choices(gpu, archs, pretrained, _image_size(summary, gpu),
+                   1 if summary.grayscale else 3, split, val, test, batches or [8], weighted,
+                   weighted and len(summary.classes) == 2)
+
+
+def _data_lines(summary: DataSummary, c: Choices) -> list[str]:
+    binary = len(summary.classes) == 2
+    lines = [
         "data:",
         f"  source: {summary.source}",
         f"  path: {_q(str(summary.path.resolve()))}",
         f"  classes: [{', '.join(_q(k) for k in summary.classes)}]"
         + ("  # the second is the positive class of sensitivity and ROC" if binary else ""),
-        f"  image_size: {size}"
-        + f"  # typical shorter side {summary.side_quantiles(0.5)[0]} px; "
-        + ("224 is what ImageNet nets were trained at" if gpu else "small enough for the CPU"),
-        f"  channels: {channels}"
-        + ("  # every image is grayscale" if channels == 1 else ""),
-        f"  split: {split}" + {
+        f"  image_size: {c.size}  # typical shorter side {summary.side_quantiles(0.5)[0]} px; "
+        + ("224 is what ImageNet nets were trained at" if c.gpu else "small enough for the CPU"),
+        f"  channels: {c.channels}" + ("  # every image is grayscale" if c.channels == 1 else ""),
+        f"  split: {c.split}" + {
             "given": "  # the split the data's layout gives",
             "group": "  # by the manifest's group column: no patient in two splits",
             "stratified": "  # each class in proportion in every split",
-        }[split],
+        }[c.split],
     ]
     note = "  # small data: 20% for steadier validation scores" \
         if summary.usable < SMALL_DATA else ""
-    if split == "given":
+    if c.split == "given":
         note = "  # drawn from train/ only for a split the layout lacks"
-    lines += [f"  val_fraction: {val}{note}", f"  test_fraction: {test}"]
-    if pretrained:
+    lines += [f"  val_fraction: {c.val}{note}", f"  test_fraction: {c.test}"]
+    if c.pretrained:
         lines.append("  normalize: imagenet   # what the pretrained weights expect")
     if summary.unusable:
         lines.append(f"  skip_bad_images: true  # {len(summary.unusable)} unusable file(s), "
                      "listed at the end")
-    lines += [
-        "objective: val_f1        # macro-F1: every class counts alike, whatever its size",
-    ]
-    if binary and weighted:
+    return lines
+
+
+def _search_lines(summary: DataSummary, c: Choices, seed: int) -> list[str]:
+    trials, epochs = (40, 25) if c.gpu else (20, 15)
+    lines = ["objective: val_f1        # macro-F1: every class counts alike, whatever its size"]
+    if c.threshold:
         lines.append("operating_point: youden  # the threshold that balances sensitivity and "
                      "specificity on validation")
-        c.append("Youden threshold")
-    lines += [
+    return [
+        *lines,
         f"trials: {trials}",
         f"max_epochs: {epochs}",
         "patience: 4",
@@ -139,29 +173,22 @@ def draft_study(summary: DataSummary, machine: Machine, seed: int = 0) -> Draft:
         "# Each architecture first, at a learning rate that trains, so that the results compare"
         " them",
         "enqueue:",
-        *(f"  - {_baseline(arch, archs, pretrained, batches)}" for arch in archs),
+        *(f"  - {_baseline(arch, c.archs, c.pretrained, c.batches)}" for arch in c.archs),
         "space:",
-        f"  arch: {','.join(archs)}",
-        f"  pretrained: {'true' if pretrained else 'false'}",
+        f"  arch: {','.join(c.archs)}",
+        f"  pretrained: {'true' if c.pretrained else 'false'}",
         "  optimizer: sgd",
         "  momentum: 0.9",
-        "  lr: 1e-4..1e-1:log" if pretrained else "  lr: 1e-3..3e-1:log",
-        f"  batch_size: {','.join(map(str, batches))}",
+        "  lr: 1e-4..1e-1:log" if c.pretrained else "  lr: 1e-3..3e-1:log",
+        f"  batch_size: {','.join(map(str, c.batches))}",
         "  weight_decay: 1e-6..1e-3:log",
         "  dropout: 0.0..0.5",
         "  label_smoothing: 0.0..0.1",
-        f"  class_weighted: {'true' if weighted else 'false'}"
+        f"  class_weighted: {'true' if c.weighted else 'false'}"
         + (f"  # {summary.imbalance:.1f}:1 between the largest and smallest class"
-           if weighted else ""),
+           if c.weighted else ""),
         "  hflip: 0.0,0.5         # set 0.0 where images have a side (X-rays, text)",
     ]
-    if summary.unusable:
-        lines.append("# Not usable (left out by skip_bad_images):")
-        lines += [f"#   {note}" for note in summary.unusable[:MAX_LISTED]]
-        if len(summary.unusable) > MAX_LISTED:
-            lines.append(f"#   and {len(summary.unusable) - MAX_LISTED} more")
-    draft.text = "\n".join(lines) + "\n"
-    return draft
 
 
 def _baseline(arch: str, archs: list[str], pretrained: bool, batches: list[int]) -> str:
