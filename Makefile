@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/imgcls-hpo search digits --trials 12
 
+# The tests run in parallel processes (pytest-xdist), one per core up to 4, each test file whole
+# in one process, so that a module's servers and Ray runtime start once.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Benchmarks 1-3 (pipeline, study overhead, pruning), each printing its ratios against the
 # targets; about 15 minutes on two cores. The pipeline runs on real photos where they are

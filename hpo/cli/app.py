@@ -460,7 +460,7 @@ def ui(
     where = Store.resolve(store, tracking_uri)
     if not where.tracking_is_local:
         console.print(f"{mask_uri(where.tracking_uri)} is a tracking server: open it in a "
-                      "browser.")
+                      "browser.", soft_wrap=True)
         return
     database = where.root / "mlflow.db"
     where.check_manifest()
@@ -473,7 +473,7 @@ def ui(
                # experiments made in the UI keep their artifacts under the store too
                "--artifacts-destination", where.artifact_root.as_uri()]
     console.print(f"MLflow UI on http://{host}:{port} for {mask_uri(where.tracking_uri)} "
-                  "(Ctrl-C stops it)")
+                  "(Ctrl-C stops it)", soft_wrap=True)
     raise typer.Exit(run_in_foreground(command))
 
 
@@ -487,10 +487,11 @@ def relocate(store: Path | None = StoreOpt) -> None:
     where = Store.resolve(store)
     moved = rewrite(where)
     if moved is None:
-        console.print(f"The store {where.root} is where it was made: nothing to relocate.")
+        console.print(f"The store {where.root} is where it was made: nothing to relocate.",
+                      soft_wrap=True)
         return
     console.print(f"Relocated the store from {moved.old_root} to {moved.new_root}: "
-                  f"{moved.rewritten} artifact location(s) rewritten.")
+                  f"{moved.rewritten} artifact location(s) rewritten.", soft_wrap=True)
 
 
 def _open_store(store: Path | None, tracking_uri: str | None) -> tuple[Any, Any]:

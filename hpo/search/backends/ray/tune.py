@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -197,7 +198,8 @@ class RayTrial(Trainable):
     def _placement(self) -> dict[str, str]:
         gpus = ray.get_gpu_ids() if self._setup.use_gpu else []
         device = f"cuda:{gpus[0]}" if gpus else "cpu"
-        return {TAG_DEVICE: device, TAG_WORKER: f"ray/{ray.util.get_node_ip_address()}"}
+        # the host the actor runs on, as the Optuna backend's workers name theirs
+        return {TAG_DEVICE: device, TAG_WORKER: f"{socket.gethostname()}/ray-{device}"}
 
 
 class TrialEvents(Callback):
