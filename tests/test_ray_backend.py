@@ -197,14 +197,25 @@ def test_trials_share_the_gpus_and_the_cores(study_file: Path,
     _two_gpus(monkeypatch)
     spec = load_study(str(study_file), {"backend": "ray", "gpus": "all", "trials_per_gpu": 2})
     slots = devices.plan_slots(spec.gpus, spec.trials_per_gpu, spec.workers, cpu_count=8)
-    placement = plan_placement(spec, {"CPU": 8.0, "GPU": 2.0}, slots)
+    placement = plan_placement(spec, [{"CPU": 8.0, "GPU": 2.0}], slots)
     assert placement.slots == 4
     assert placement.resources == {"cpu": 2.0, "gpu": 0.5} and placement.threads == 2
     # a cluster: its own GPUs decide, whatever this machine has
-    assert plan_placement(spec, {"CPU": 64.0, "GPU": 8.0}, None).slots == 16
+    assert plan_placement(spec, [{"CPU": 64.0, "GPU": 8.0}], None).slots == 16
     cpu = load_study(str(study_file), {"backend": "ray", "gpus": "none", "workers": 3})
-    on_cpu = plan_placement(cpu, {"CPU": 6.0, "GPU": 8.0}, None)
+    on_cpu = plan_placement(cpu, [{"CPU": 6.0, "GPU": 8.0}], None)
     assert (on_cpu.slots, on_cpu.resources, on_cpu.use_gpu) == (3, {"cpu": 2.0}, False)
+
+
+def test_on_a_cluster_every_trial_fits_on_one_node(study_file: Path) -> None:
+    """Two 1-core nodes: two trials of one core each, not one of two cores that no node has."""
+    spec = load_study(str(study_file), {"backend": "ray"})
+    two = plan_placement(spec, [{"CPU": 1.0}, {"CPU": 1.0}], None)
+    assert (two.slots, two.resources) == (2, {"cpu": 1.0})
+    # GPU nodes of different sizes: each trial asks what the smallest can give per GPU
+    mixed = plan_placement(spec, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 4.0},
+                                  {"CPU": 2.0}], None)
+    assert (mixed.slots, mixed.resources) == (5, {"cpu": 4.0, "gpu": 1.0})
 
 
 def test_a_local_runtime_is_planned_before_search_pins_its_process(

@@ -193,3 +193,31 @@ def test_a_ray_address_where_nothing_listens_is_one_line_at_once(tmp_path: Path)
     assert done.returncode == 2, done.stdout + done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "cannot join the Ray cluster" in line and "nothing answers there" in line, line
+
+
+@pytest.mark.slow
+def test_a_search_on_a_token_authenticated_ray_cluster_of_two_nodes(
+        tmp_path: Path, ray_cluster: servers.RayHead, tracking_server: str) -> None:
+    """The README's recipe on a cluster: the cluster's token found where its admin put it
+    (RAY_AUTH_TOKEN_PATH), one MLflow server. Each node has one core, so each trial asks for
+    one (a trial asking for the cluster's two would wait forever: no node has them); they are
+    recorded in the usual layout on the server."""
+    from mlflow import MlflowClient
+
+    study = _study(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run(
+        [*CLI, "search", str(study), "--backend", "ray", "--ray-address", ray_cluster.address,
+         "--trials", "2", "--store", str(tmp_path / "store"), "--tracking-uri", tracking_server],
+        capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S,
+        env={**env, "RAY_AUTH_TOKEN_PATH": str(ray_cluster.token_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 trials in study tiny: 2 complete" in " ".join(done.stdout.split()), done.stdout
+    client = MlflowClient(tracking_server)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("imgcls_hpo.role") == "study"]
+    trials = [r for r in runs if r.data.tags.get("imgcls_hpo.role") == "trial"]
+    assert sorted(r.data.tags["imgcls_hpo.state"] for r in trials) == ["COMPLETE", "COMPLETE"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert all(r.data.tags["imgcls_hpo.worker"].endswith("/ray-cpu") for r in trials)
+    assert parent.data.metrics["trials_complete"] == 2

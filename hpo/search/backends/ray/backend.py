@@ -177,7 +177,8 @@ class RayStudy:
                         remember=self._remember)
         key = str(self.path)
         with ray_runtime(spec, self.slots, self.store):
-            placement = plan_placement(self.spec, ray.cluster_resources(), self.slots)
+            nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+            placement = plan_placement(self.spec, nodes, self.slots)
             trainable = tune.with_resources(
                 tune.with_parameters(RayTrial, setup=self._setup(ctx, placement)),
                 placement.resources)

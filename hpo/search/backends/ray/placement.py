@@ -3,7 +3,7 @@ what a trial actor needs to rebuild the study's context where it runs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,19 +39,28 @@ class Placement:
         return self.resources.get("gpu", 0) > 0
 
 
-def plan_placement(spec: StudySpec, cluster: Mapping[str, float], slots: list[Slot] | None
-                   ) -> Placement:
-    """Slots and per-trial resources. `slots`: this machine's plan (a local runtime), None for
-    a cluster, whose resources (`cluster`: ray.cluster_resources()) decide instead."""
-    cores = float(cluster.get("CPU", 1))
+def plan_placement(spec: StudySpec, nodes: Sequence[Mapping[str, float]],
+                   slots: list[Slot] | None) -> Placement:
+    """Slots and per-trial resources. `nodes`: each live node's resources (ray.nodes()).
+    `slots`: this machine's plan (a local runtime), None for a cluster, whose nodes decide:
+    `workers` trials on each node without GPUs (or `trials_per_gpu` on each GPU), each asking
+    for a share of the cores that the smallest such node has, so that every trial fits on one
+    node (a request no node can meet would wait forever)."""
     if slots is not None:
+        cores = sum(n.get("CPU", 0.0) for n in nodes) or 1.0
         count, use_gpu = len(slots), slots[0].gpu is not None
+        cpu = cores / count
     else:
-        gpus = int(cluster.get("GPU", 0)) if spec.gpus != "none" else 0
-        use_gpu = gpus > 0
-        count = gpus * spec.trials_per_gpu if use_gpu else spec.workers
-    resources = {"cpu": cores / count}
+        with_cpu = [n for n in nodes if n.get("CPU", 0.0) > 0] or [{"CPU": 1.0}]
+        gpu_nodes = [n for n in with_cpu if n.get("GPU", 0.0) >= 1] if spec.gpus != "none" else []
+        use_gpu = bool(gpu_nodes)
+        if use_gpu:
+            count = sum(int(n["GPU"]) for n in gpu_nodes) * spec.trials_per_gpu
+            cpu = min(n["CPU"] / (int(n["GPU"]) * spec.trials_per_gpu) for n in gpu_nodes)
+        else:
+            count = spec.workers * len(with_cpu)
+            cpu = min(n["CPU"] for n in with_cpu) / spec.workers
+    resources = {"cpu": cpu}
     if use_gpu:
         resources["gpu"] = 1 / spec.trials_per_gpu
-    return Placement(count, resources, max(1, int(cores // count)))
-
+    return Placement(count, resources, max(1, int(cpu)))
