@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from imgcls.predict import Predictor
+    from imgcls.uncertainty import Sampling
 
 MIN_TSNE_IMAGES = 5  # below this a 2-D neighbourhood map shows nothing (and PCA init fails)
 MAX_PERPLEXITY = 30.0  # scikit-learn's default, for larger sets
@@ -281,6 +282,31 @@ def overlay_name(name: str, predicted: str, probability: float) -> str:
     return f"{_safe(stem)}_{_safe(predicted)}_p{probability:.2f}.png"
 
 
+def caption(predicted: str, probability: float, entropy: float | None = None,
+            rank: int | None = None, of: int | None = None) -> str:
+    """What an overlay says of its image: the class explained and its probability, and with
+    uncertainty asked for its predictive entropy and rank (1 = the least sure)."""
+    text = f"{predicted}  p={probability:.2f}"
+    if entropy is not None:
+        text += f"  entropy {entropy:.2f} nats"
+        if rank is not None:
+            text += f", rank {rank}" + (f"/{of}" if of else "")
+    return text
+
+
+def captioned(image: Image.Image, text: str) -> Image.Image:
+    """`image` with `text` on a black strip below it (the evidence stays uncovered)."""
+    from PIL import ImageDraw, ImageFont
+
+    size = max(10, min(24, image.width // 20))
+    font = ImageFont.load_default(size=size)
+    strip = size + size // 2 + 4
+    out = Image.new("RGB", (image.width, image.height + strip), (0, 0, 0))
+    out.paste(image.convert("RGB"), (0, 0))
+    ImageDraw.Draw(out).text((4, image.height + 2), text, fill=(255, 255, 255), font=font)
+    return out
+
+
 def _safe(text: str) -> str:
     # Anything but letters, digits, '.', '-' and '_' (path separators, spaces) becomes '_'.
     return re.sub(r"[^\w.-]+", "_", text) or "_"
@@ -288,16 +314,19 @@ def _safe(text: str) -> str:
 
 def save_overlays(images: Sequence[np.ndarray | Image.Image], names: Sequence[str],
                   heatmaps: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
-                  out_dir: str | Path, alpha: float = 0.4) -> list[Path]:
+                  out_dir: str | Path, alpha: float = 0.4,
+                  captions: Sequence[str] | None = None) -> list[Path]:
     """Write one PNG per image into `out_dir` (made if missing): its heatmap over it, named by
     `overlay_name` after the image's name (an id or relative path), its predicted class (argmax
-    of its `probabilities` row) and that probability. Returns the paths, in input order.
+    of its `probabilities` row) and that probability, with its caption (if given) below it.
+    Returns the paths, in input order.
 
     Two images whose names give the same file name (the same image twice) get '-2', '-3', ...
     before '.png' rather than overwriting each other.
     """
     n = len(images)
-    if not len(names) == len(heatmaps) == len(probabilities) == n:
+    if not len(names) == len(heatmaps) == len(probabilities) == n or (
+            captions is not None and len(captions) != n):
         raise ValueError(f"{n} images, {len(names)} names, {len(heatmaps)} heatmaps and "
                          f"{len(probabilities)} probability rows: one of each per image")
     out = Path(out_dir)
@@ -316,7 +345,10 @@ def save_overlays(images: Sequence[np.ndarray | Image.Image], names: Sequence[st
             filename, k = f"{stem}-{k}.png", k + 1
         used.add(filename)
         path = out / filename
-        overlay(image, heatmap, alpha).save(path)
+        picture = overlay(image, heatmap, alpha)
+        if captions is not None:
+            picture = captioned(picture, captions[len(paths)])
+        picture.save(path)
         paths.append(path)
     return paths
 
@@ -328,17 +360,23 @@ class ExplainReport:
 
 
 def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path, out_dir: Path,
-                  *, embed: bool = False, batch_size: int = 32) -> ExplainReport:
+                  *, embed: bool = False, batch_size: int = 32,
+                  sampling: Sampling | None = None) -> ExplainReport:
     """Grad-CAM overlays for every image file in `paths` (files, or folders searched
-    recursively), written to `out_dir`, one PNG per image; with `embed`, also `tsne.png` of the
-    images' penultimate features. Points are coloured by the image's folder when that folder is
-    named after a class (labelled data), else by the predicted class. Unreadable files are
-    listed in the report and left out; the others are explained."""
+    recursively), written to `out_dir`, one PNG per image, captioned with the class explained
+    and its probability; with `sampling` (MC-dropout, flip TTA) the class and probability are
+    the mean over the samples, and the caption adds the image's predictive entropy and its rank
+    among the images (1 = the least sure). With `embed`, also `tsne.png` of the images'
+    penultimate features. Points are coloured by the image's folder when that folder is named
+    after a class (labelled data), else by the predicted class. Unreadable files are listed in
+    the report and left out; the others are explained."""
     from imgcls.predict import image_files
 
     predictor = predictor.explained  # an ensemble: its first member
     arch, classes = predictor.preprocessing.arch, predictor.classes
     cam_layer(arch)  # a ViT is refused before any image is read
+    if sampling is not None:
+        predictor.check_sampling(sampling)
     files, unreadable, batches = image_files(paths), [], []
     readable: list[Path] = []
     for path in files:
@@ -350,19 +388,28 @@ def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path
     if not readable:
         raise DataError(f"none of the {len(files)} files could be read as images")
     x = torch.cat(batches)
-    cam = compute_grad_cam(predictor.model, arch, x, batch_size=batch_size)
+    sampled, doubt = None, [(None, None)] * len(readable)
+    if sampling is not None:
+        found = predictor.predict_files(readable, batch_size=batch_size, sampling=sampling)
+        sampled = np.array([[p.probabilities[c] for c in classes] for p in found])
+        doubt = [(p.entropy, p.entropy_rank) for p in found]
+    cam = compute_grad_cam(predictor.model, arch, x, batch_size=batch_size,
+                           target=None if sampled is None else sampled.argmax(1).tolist())
+    shown = cam.probabilities if sampled is None else sampled
+    captions = [caption(str(classes[k]), float(row[k]), entropy, rank, len(readable))
+                for row, k, (entropy, rank) in zip(shown, shown.argmax(1), doubt, strict=True)]
     originals = []
     for path in readable:
         with Image.open(path) as image:
             originals.append(_viewable(image.convert("RGB")))
     common = Path(os.path.commonpath([p.parent for p in readable]))
     written = save_overlays(originals, [str(p.relative_to(common)) for p in readable], cam.heatmaps,
-                            cam.probabilities, classes, out_dir)
+                            shown, classes, out_dir, captions=captions)
     if embed:
         features = penultimate_features(predictor.model, arch, x)
         by_folder = all(p.parent.name in classes for p in readable)
         labels = (np.array([classes.index(p.parent.name) for p in readable]) if by_folder
-                  else cam.probabilities.argmax(1))
+                  else shown.argmax(1))
         title = ("t-SNE of penultimate features, coloured by "
                  + ("folder (true class)" if by_folder else "predicted class"))
         figure = tsne_plot(features, labels, classes, title=title)

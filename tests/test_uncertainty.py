@@ -137,3 +137,35 @@ def test_training_settings_travel_with_the_metadata_and_default_to_none() -> Non
              if k not in ("dropout", "hflip", "vflip")}
     assert Preprocessing.from_metadata(older).dropout == 0.0
     assert Preprocessing.from_metadata(older).hflip == 0.0
+
+
+def test_explain_captions_each_overlay_and_with_sampling_its_entropy(tmp_path: Path) -> None:
+    from imgcls.explain import explain_files
+
+    root = make_image_folder(tmp_path / "d", per_class=2, size=16)
+    pred = predictor(dropout=0.5)
+    plain = explain_files(pred, root, tmp_path / "plain")
+    sampled = explain_files(pred, root, tmp_path / "mc", sampling=Sampling(8, seed=1))
+    again = explain_files(pred, root, tmp_path / "mc2", sampling=Sampling(8, seed=1))
+    files = image_files(root)
+    mean = probs(pred.predict_files(files, sampling=Sampling(8, seed=1)))
+    for path, row in zip(sampled.written, mean, strict=True):  # the overlays carry the mean
+        k = int(row.argmax())
+        assert path.name.endswith(f"_{CLASSES[k]}_p{row[k]:.2f}.png")
+    assert [p.name for p in again.written] == [p.name for p in sampled.written]
+    for a, b in zip(sampled.written, again.written, strict=True):  # a seed repeats them
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    with Image.open(plain.written[0]) as image:
+        width, height = image.size
+        strip = np.asarray(image.convert("L"))[256:]
+    assert width == 256 and height > 256  # 16 px enlarged to 256, and a caption strip below
+    assert strip.max() > 128 and strip.mean() < 128  # white text on black
+    with pytest.raises(ConfigError, match=r"^MC-dropout needs dropout"):
+        explain_files(predictor(dropout=0.0), root, tmp_path / "no", sampling=Sampling(4))
+
+
+def test_a_caption_says_the_class_its_probability_and_the_doubt() -> None:
+    from imgcls.explain import caption
+
+    assert caption("bees", 0.934) == "bees  p=0.93"
+    assert caption("bees", 0.934, 0.2112, 2, 8) == "bees  p=0.93  entropy 0.21 nats, rank 2/8"

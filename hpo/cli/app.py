@@ -726,16 +726,27 @@ def explain(
     out: Path = typer.Option(..., "--out", help="Folder for the overlays and plots."),
     embed: bool = typer.Option(False, "--embed",
                                help="Also a t-SNE plot of the penultimate-layer features."),
+    mc_dropout: int = typer.Option(
+        1, "--mc-dropout", min=1, metavar="N",
+        help="Caption each overlay with the mean of N passes with dropout sampling, and the "
+             "image's predictive entropy and rank."),
+    tta: bool = typer.Option(False, "--tta",
+                             help="Also average the flips the model trained with (as above)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout masks."),
     store: Path | None = StoreOpt,
     tracking_uri: str | None = TrackingOpt,
 ) -> None:
-    """Grad-CAM overlays of what the model looked at, per image (and a t-SNE of the images)."""
+    """Grad-CAM overlays of what the model looked at, per image, captioned with the class and
+    its probability (and a t-SNE of the images)."""
     from hpo.after.models import resolve_model
     from imgcls.explain import explain_files
+    from imgcls.uncertainty import Sampling
 
+    sampling = Sampling(mc_dropout, tta, seed)
     _, tracker = _open_store(store, tracking_uri)
     uri, predictor = resolve_model(tracker, model)
-    report = explain_files(predictor, paths, out, embed=embed)
+    report = explain_files(predictor, paths, out, embed=embed,
+                           sampling=sampling if sampling.stochastic else None)
     for note in report.unreadable:
         err_console.print(f"[yellow]unreadable, left out:[/] {note}", soft_wrap=True)
     overlays = len(report.written) - embed
