@@ -17,18 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.data.cache import MAX_PIXELS, Progress, decode
+from imgcls.data.cache import GRAY_MODES, MAX_PIXELS, Progress, decode
 from imgcls.data.sources import Catalog, open_source
 from imgcls.data.split import SPLIT_NAMES
 from imgcls.errors import DataError, first_line
 
-# Modes whose pixels are gray levels: a set of them all trains on one channel.
-GRAY = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """One image's header: its stored size and PIL mode (None: it could not be opened)."""
+    """One image's header: its stored size and PIL mode."""
 
     width: int
     height: int
@@ -40,7 +37,7 @@ class DataSummary:
     source: str  # the data source's name: folder, csv or npz
     path: Path
     catalog: Catalog
-    facts: tuple[ImageFacts | None, ...]  # per catalog image
+    facts: tuple[ImageFacts | None, ...]  # per catalog image; None: it could not be opened
     unusable: tuple[str, ...]  # "id (reason)", in catalog order
     unusable_index: tuple[int, ...]
 
@@ -86,7 +83,7 @@ class DataSummary:
     @property
     def grayscale(self) -> bool:
         modes = self.modes
-        return bool(modes) and set(modes) <= GRAY
+        return bool(modes) and set(modes) <= GRAY_MODES  # one channel then loses nothing
 
     def side_quantiles(self, *qs: float) -> tuple[int, ...]:
         """Quantiles of each image's shorter side, in pixels."""
