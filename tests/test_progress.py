@@ -68,3 +68,15 @@ def test_a_terminal_gets_no_epoch_lines(clock: Clock, tmp_path: Path) -> None:
     view.trial_started(0, {})
     view.epoch_finished(0, 1, {"val_f1": 0.5, "train_loss": 1.0})
     assert "epoch 1/8" not in out.getvalue()  # the live view shows it instead
+
+
+def test_a_log_says_when_a_weights_download_starts_and_ends(tmp_path: Path) -> None:
+    out = io.StringIO()
+    view = SearchProgress(Console(file=out, force_terminal=False, width=200),
+                          Store.resolve(str(tmp_path)))
+    size = 3 << 20
+    for done in (0, 1 << 20, size):
+        view.download_progress("resnet18-f37072fd.pth", done, size)
+    assert out.getvalue().splitlines() == [
+        "downloading pretrained weights resnet18-f37072fd.pth (3.0 MiB)",
+        "downloaded resnet18-f37072fd.pth"]

@@ -129,14 +129,21 @@ class SearchProgress:
             self.images.update(self._images_task, visible=False)
 
     def download_progress(self, filename: str, done: int, total: int) -> None:
-        """Bytes of a pretrained weights file downloaded so far (total 0: not known)."""
+        """Bytes of a pretrained weights file downloaded so far (total 0: not known). A log
+        gets a line when it starts and one when it ends."""
+        size = f" ({total / 2**20:.1f} MiB)" if total else ""
         if self._download_task is None:
             self._download_task = self.downloads.add_task(f"downloading {filename}",
                                                           total=total or None)
+            if not self.console.is_terminal:
+                self.console.print(f"downloading pretrained weights {filename}{size}",
+                                   soft_wrap=True)
         self.downloads.update(self._download_task, completed=done)
         if total and done >= total:
             self.downloads.update(self._download_task, visible=False)
             self._download_task = None
+            if not self.console.is_terminal:
+                self.console.print(f"downloaded {filename}", soft_wrap=True)
 
     # -- SearchObserver ------------------------------------------------------------------------
 
