@@ -176,3 +176,18 @@ def test_samples_by_class_make_a_folder_init_reads(tmp_path: Path) -> None:
     init("digits-folder")
     spec = load_study("digits-folder.yaml")
     assert spec.data.classes == tuple(str(d) for d in range(10)) and spec.data.channels == 1
+
+
+def test_a_gpu_machine_gets_resnets_at_up_to_224_px(tmp_path: Path) -> None:
+    from hpo.config.draft import Machine, draft_study
+    from imgcls.data.inspect import inspect_data
+
+    summary = inspect_data(make_image_folder(tmp_path / "data", per_class=40, size=300))
+    draft = draft_study(summary, Machine(("NVIDIA H200",), 16))
+    raw = yaml.safe_load(draft.text)
+    assert raw["space"]["arch"] == "resnet18,resnet50" and raw["space"]["pretrained"] is False
+    assert raw["data"]["image_size"] == 224 and "1 GPU(s) (NVIDIA H200)" in draft.text
+    assert raw["space"]["batch_size"] == 8  # 48 training images: batches of a quarter at most
+    small = draft_study(inspect_data(make_image_folder(tmp_path / "small", size=100)),
+                        Machine(("NVIDIA H200",), 16))
+    assert yaml.safe_load(small.text)["data"]["image_size"] == 104  # not above the images
