@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from imgcls.errors import ConfigError, DataError
 from imgcls.models.builders import head_module
 from imgcls.models.catalog import MODELS
+from imgcls.uncertainty import Sampling, entropy_ranks, predictive_entropy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from imgcls.predict import Predictor
-    from imgcls.uncertainty import Sampling
 
 MIN_TSNE_IMAGES = 5  # below this a 2-D neighbourhood map shows nothing (and PCA init fails)
 MAX_PERPLEXITY = 30.0  # scikit-learn's default, for larger sets
@@ -377,22 +377,23 @@ def explain_files(predictor: Predictor, paths: Sequence[str | Path] | str | Path
     cam_layer(arch)  # a ViT is refused before any image is read
     if sampling is not None:
         predictor.check_sampling(sampling)
-    files, unreadable, batches = image_files(paths), [], []
+    files, unreadable, decoded = image_files(paths), [], []
     readable: list[Path] = []
     for path in files:
         try:
-            batches.append(predictor.prepare([path]))
+            decoded.append(predictor.decode([path]))
             readable.append(path)
         except DataError as exc:
             unreadable.append(f"{path} ({exc})")
     if not readable:
         raise DataError(f"none of the {len(files)} files could be read as images")
-    x = torch.cat(batches)
+    arrays = np.concatenate(decoded)
+    x = predictor.normalized(arrays)
     sampled, doubt = None, [(None, None)] * len(readable)
     if sampling is not None:
-        found = predictor.predict_files(readable, batch_size=batch_size, sampling=sampling)
-        sampled = np.array([[p.probabilities[c] for c in classes] for p in found])
-        doubt = [(p.entropy, p.entropy_rank) for p in found]
+        sampled = predictor.sampled_probabilities(arrays, sampling, batch_size)
+        entropy = predictive_entropy(sampled)
+        doubt = list(zip(entropy.tolist(), entropy_ranks(entropy).tolist(), strict=True))
     cam = compute_grad_cam(predictor.model, arch, x, batch_size=batch_size,
                            target=None if sampled is None else sampled.argmax(1).tolist())
     shown = cam.probabilities if sampled is None else sampled

@@ -231,15 +231,26 @@ class Predictor:
     def prepare(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
         """The normalized float batch (N, C, S, S), on the predictor's device, that training fed
         the model for these images. An unreadable input raises DataError naming it."""
-        arrays = self._decode_all(images)
+        return self.normalized(self.decode(images))
+
+    def normalized(self, arrays: np.ndarray) -> torch.Tensor:
+        """`prepare` for images `decode` gave: the normalized float batch on the device."""
         if not len(arrays):
             return torch.empty((0, *arrays.shape[1:]), device=self.device)
         return torch.cat([x for x, _ in self._batches(arrays, None)])
 
+    def sampled_probabilities(self, arrays: np.ndarray, sampling: Sampling,
+                              batch_size: int = 32) -> np.ndarray:
+        """(N, K) mean probabilities over `sampling`'s passes and views of images `decode`
+        gave, the dropout masks seeded as `predict_files` seeds them."""
+        self.check_sampling(sampling)
+        with self._seeded(sampling):
+            return self._probabilities(arrays, batch_size, sampling)
+
     def probabilities(self, images: Sequence[ImageInput] | ImageInput,
                       batch_size: int = 32) -> np.ndarray:
         """Class probabilities (N, K), float32, rows summing to 1, in `classes` order."""
-        return self._probabilities(self._decode_all(images), batch_size)
+        return self._probabilities(self.decode(images), batch_size)
 
     def predict_files(self, paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *,
                       batch_size: int = 32, threshold: float | None = None,
@@ -341,7 +352,7 @@ class Predictor:
         except Exception as exc:  # any decoder error means the same thing: not a usable image
             return None, first_line(exc)
 
-    def _decode_all(self, images: Sequence[ImageInput] | ImageInput) -> np.ndarray:
+    def decode(self, images: Sequence[ImageInput] | ImageInput) -> np.ndarray:
         """uint8 (N, C, S, S) of every input; DataError naming the first that fails."""
         if isinstance(images, Image.Image | bytes | str | os.PathLike):
             images = [images]  # one image, not a sequence of characters or bytes

@@ -358,8 +358,7 @@ def init(
     except OSError as exc:
         raise StudyError(f"cannot write {path}: {exc.strerror or exc}") from None
     console.print(f"Wrote {path}: {'; '.join(draft.choices)}.", soft_wrap=True)
-    command = f"imgcls-hpo search {path}"
-    console.print(f"Run it:\n  {command}", soft_wrap=True)
+    console.print(f"Run it:\n  imgcls-hpo search {path}", soft_wrap=True)
 
 
 def _inspect_with_progress(data: Path) -> Any:
@@ -396,10 +395,10 @@ def _print_summary(summary: Any) -> None:
     if summary.grouped:
         facts.append(f"{len(set(summary.catalog.groups))} groups")
     console.print("; ".join(facts), soft_wrap=True)
-    if summary.unusable:
-        n = len(summary.unusable)
+    if summary.bad:
+        n = len(summary.bad)
         console.print(f"[yellow]{n} file{'s are' if n > 1 else ' is'} not a usable image[/] "
-                      f"(left out; listed in the study file): {listing(list(summary.unusable))}",
+                      f"(left out; listed in the study file): {listing(summary.unusable)}",
                       soft_wrap=True)
 
 

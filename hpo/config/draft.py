@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from imgcls.data.inspect import DataSummary
 from imgcls.data.split import make_split
 from imgcls.errors import DataError
@@ -102,11 +100,11 @@ def draft_study(summary: DataSummary, machine: Machine, seed: int = 0) -> Draft:
         *_data_lines(summary, choices),
         *_search_lines(summary, choices, seed),
     ]
-    if summary.unusable:
+    if notes := summary.unusable:
         lines.append("# Not usable (left out by skip_bad_images):")
-        lines += [f"#   {note}" for note in summary.unusable[:MAX_LISTED]]
-        if len(summary.unusable) > MAX_LISTED:
-            lines.append(f"#   and {len(summary.unusable) - MAX_LISTED} more")
+        lines += [f"#   {note}" for note in notes[:MAX_LISTED]]
+        if len(notes) > MAX_LISTED:
+            lines.append(f"#   and {len(notes) - MAX_LISTED} more")
     return Draft("\n".join(lines) + "\n", choices.words(summary))
 
 
@@ -150,8 +148,8 @@ def _data_lines(summary: DataSummary, c: Choices) -> list[str]:
     lines += [f"  val_fraction: {c.val}{note}", f"  test_fraction: {c.test}"]
     if c.pretrained:
         lines.append("  normalize: imagenet   # what the pretrained weights expect")
-    if summary.unusable:
-        lines.append(f"  skip_bad_images: true  # {len(summary.unusable)} unusable file(s), "
+    if summary.bad:
+        lines.append(f"  skip_bad_images: true  # {len(summary.bad)} unusable file(s), "
                      "listed at the end")
     return lines
 
@@ -227,12 +225,8 @@ def _split(summary: DataSummary) -> tuple[str, float, float]:
 
 def _check_split(summary: DataSummary, split: str, val: float, test: float, seed: int) -> None:
     """The split the study will make, made now: too few images of a class is one line here."""
-    catalog = summary.catalog
-    if summary.unusable_index:
-        keep = np.setdiff1d(np.arange(len(catalog)), np.asarray(summary.unusable_index))
-        catalog = catalog.subset(keep)
     try:
-        make_split(catalog, split, val, test, seed)
+        make_split(summary.usable_catalog, split, val, test, seed)
     except DataError as exc:
         raise DataError(f"no study can be written for {summary.path}: {exc}") from None
 

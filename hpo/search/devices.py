@@ -13,11 +13,12 @@ narrows what that process sees, in which case the worker gets the matching entry
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, first_line
 from imgcls.train.runtime import available_cores
 
 CPU = "cpu"
@@ -185,8 +186,6 @@ def describe_slots(slots: list[Slot]) -> list[str]:
 
 def check_device(device: str, arch: str = "resnet18", batch: int = 8, size: int = 64) -> str:
     """Train `arch` for a few steps on `device`: how long one step takes, or why it fails."""
-    import time
-
     from imgcls.models import build_model
 
     try:
@@ -204,8 +203,6 @@ def check_device(device: str, arch: str = "resnet18", batch: int = 8, size: int 
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
     except Exception as exc:  # a driver, memory or kernel failure: said, not raised
-        from imgcls.errors import first_line
-
         return f"{device}: training fails ({first_line(exc)})"
     return (f"{device}: a {arch} training step on {batch} images of {size} px takes "
             f"{min(times) * 1000:.0f} ms")

@@ -20,10 +20,11 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, ImageStat
@@ -38,6 +39,7 @@ CACHE_FORMAT = 2
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
+T = TypeVar("T")
 
 # Modes whose pixels are gray levels: the colour-count check does not apply to them, as a
 # bilevel scan or a grayscale image with few levels is still a picture.
@@ -150,7 +152,25 @@ class Decoded:
 
     def notes(self, catalog: Catalog) -> list[str]:
         """"id (reason)" for each bad image, in catalog order."""
-        return [f"{catalog.ids[i]} ({reason})" for i, reason in sorted(self.bad.items())]
+        return bad_notes(catalog, self.bad)
+
+
+def bad_notes(catalog: Catalog, bad: dict[int, str]) -> list[str]:
+    """"id (reason)" for each image of `bad` (catalog index -> why), in catalog order."""
+    return [f"{catalog.ids[i]} ({reason})" for i, reason in sorted(bad.items())]
+
+
+def each_image(count: int, work: Callable[[int], T], progress: Progress | None = None
+               ) -> Iterator[tuple[int, T]]:
+    """(index, work(index)) for every index below `count`, in order, computed over a thread
+    pool: PIL releases the GIL while decoding and resizing, so threads use every core.
+    `progress(done, count)` every 64 images and at the end."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for index, result in enumerate(pool.map(work, range(count))):
+            yield index, result
+            done = index + 1
+            if progress and (done % 64 == 0 or done == count):
+                progress(done, count)
 
 
 def load_images(source: Source, catalog: Catalog, image_size: int, channels: int,
@@ -193,16 +213,11 @@ def load_images(source: Source, catalog: Catalog, image_size: int, channels: int
             return None, first_line(exc)
 
     try:
-        # PIL releases the GIL while decoding and resizing, so threads use every core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for index, (pixels, reason) in enumerate(pool.map(work, range(len(catalog)))):
-                if pixels is not None:
-                    out[index] = pixels
-                if reason is not None:
-                    bad[index] = reason
-                done = index + 1
-                if progress and (done % 64 == 0 or done == len(catalog)):
-                    progress(done, len(catalog))
+        for index, (pixels, reason) in each_image(len(catalog), work, progress):
+            if pixels is not None:
+                out[index] = pixels
+            if reason is not None:
+                bad[index] = reason
         if tmp is None or path is None:
             return Decoded(out, bad)
         out.flush()

@@ -8,16 +8,14 @@ later. Nothing is written: no cache, no store.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from imgcls.data.cache import GRAY_MODES, MAX_PIXELS, Progress, decode
+from imgcls.data.cache import GRAY_MODES, MAX_PIXELS, Progress, bad_notes, decode, each_image
 from imgcls.data.sources import Catalog, open_source
 from imgcls.data.split import SPLIT_NAMES
 from imgcls.errors import DataError, first_line
@@ -38,24 +36,32 @@ class DataSummary:
     path: Path
     catalog: Catalog
     facts: tuple[ImageFacts | None, ...]  # per catalog image; None: it could not be opened
-    unusable: tuple[str, ...]  # "id (reason)", in catalog order
-    unusable_index: tuple[int, ...]
+    bad: dict[int, str]  # catalog index -> why a search could not use the image
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.catalog.classes
 
     @property
+    def unusable(self) -> list[str]:
+        """"id (reason)" of each unusable image, in catalog order."""
+        return bad_notes(self.catalog, self.bad)
+
+    @property
+    def usable_catalog(self) -> Catalog:
+        """The catalog without the unusable images: what `skip_bad_images` trains on."""
+        return self.catalog.subset(np.setdiff1d(np.arange(len(self.catalog)),
+                                                np.fromiter(self.bad, dtype=np.int64)))
+
+    @property
     def counts(self) -> tuple[int, ...]:
         """Usable images per class."""
-        keep = np.ones(len(self.catalog), dtype=bool)
-        keep[list(self.unusable_index)] = False
-        labels = self.catalog.labels[keep]
+        labels = self.usable_catalog.labels
         return tuple(int(n) for n in np.bincount(labels, minlength=len(self.classes)))
 
     @property
     def usable(self) -> int:
-        return len(self.catalog) - len(self.unusable)
+        return len(self.catalog) - len(self.bad)
 
     @property
     def imbalance(self) -> float:
@@ -128,15 +134,9 @@ def inspect_data(path: str | Path, source: str | None = None,
             return facts, first_line(exc)
 
     facts: list[ImageFacts | None] = []
-    notes: list[str] = []
-    bad: list[int] = []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for index, (fact, reason) in enumerate(pool.map(look, range(len(catalog)))):
-            facts.append(fact)
-            if reason is not None:
-                notes.append(f"{catalog.ids[index]} ({reason})")
-                bad.append(index)
-            done = index + 1
-            if progress and (done % 64 == 0 or done == len(catalog)):
-                progress(done, len(catalog))
-    return DataSummary(name, path, catalog, tuple(facts), tuple(notes), tuple(bad))
+    bad: dict[int, str] = {}
+    for index, (fact, reason) in each_image(len(catalog), look, progress):
+        facts.append(fact)
+        if reason is not None:
+            bad[index] = reason
+    return DataSummary(name, path, catalog, tuple(facts), bad)
