@@ -44,6 +44,12 @@ class Split:
     def indices(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.assignment == SPLIT_NAMES.index(name))
 
+    def pooled(self, part: str) -> Split:
+        """This split with its train and validation images together in `part` ("train": a
+        model refit on both; "val": the out-of-fold predictions of cross-validation)."""
+        assignment = np.where(self.assignment == TEST, TEST, SPLIT_NAMES.index(part))
+        return replace(self, assignment=assignment.astype(np.int8))
+
     def counts(self) -> dict[str, int]:
         return {name: int((self.assignment == i).sum()) for i, name in enumerate(SPLIT_NAMES)}
 
@@ -303,3 +309,66 @@ def given_split(catalog: Catalog, val_fraction: float, test_fraction: float,
             assignment[train[start:start + k]] = p
             start += k
     return Split(assignment)
+
+
+def fold_splits(split: Split, labels: np.ndarray, classes: tuple[str, ...], k: int, seed: int,
+                grouped: bool = False) -> list[Split]:
+    """K cross-validation folds of `split`'s train and validation images (together), its test
+    images left as they are: fold i validates on its i-th part and trains on the others.
+
+    Per class, the images are shuffled by `seed` and dealt to the folds in turn, so that every
+    fold holds each class in the same proportion. `grouped` (the split's groups are patients or
+    subjects): whole groups are dealt instead, largest first, each to the fold with the fewest
+    images of its classes, so that no group is in a fold's training and its validation.
+    Every fold validates on at least one image of every class; DataError naming the class
+    when K is more than it can give.
+    """
+    if k < 2:
+        raise ConfigError(f"folds {k}: cross-validation needs at least 2")
+    pool = np.flatnonzero(split.assignment != TEST)
+    rng = np.random.default_rng(seed)
+    fold = np.full(len(split.assignment), -1, dtype=np.int64)
+    if grouped:
+        if split.groups is None:
+            raise DataError("grouped folds need the group of each image (a group split)")
+        fold[pool] = _deal_groups(np.asarray(split.groups, dtype=str)[pool], labels[pool],
+                                  len(classes), k, rng)
+    else:
+        for label in range(len(classes)):
+            members = rng.permutation(pool[labels[pool] == label])
+            fold[members] = (np.arange(len(members)) + rng.integers(k)) % k
+    for label, name in enumerate(classes):
+        present = np.unique(fold[pool][labels[pool] == label])
+        if len(present) < k:
+            unit = "group(s)" if grouped else "image(s)"
+            have = (len(set(np.asarray(split.groups)[pool][labels[pool] == label]))
+                    if grouped else int((labels[pool] == label).sum()))
+            raise DataError(
+                f"folds {k}: class '{name}' has {have} train/val {unit}, too few to give each "
+                f"of {k} folds one to validate on: use fewer folds"
+            )
+    folds = []
+    for i in range(k):
+        assignment = split.assignment.copy()
+        assignment[pool] = np.where(fold[pool] == i, VAL, TRAIN)
+        folds.append(replace(split, assignment=assignment))
+    return folds
+
+
+def _deal_groups(groups: np.ndarray, labels: np.ndarray, n_classes: int, k: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """The fold of each image when whole groups are dealt to `k` folds (see fold_splits)."""
+    names, group_of = np.unique(groups, return_inverse=True)
+    per_group = np.zeros((len(names), n_classes), dtype=np.int64)
+    np.add.at(per_group, (group_of, labels), 1)
+    weight = 1.0 / np.maximum(per_group.sum(axis=0), 1)  # each class counts equally
+    counts = np.zeros((k, n_classes))
+    group_fold = np.zeros(len(names), dtype=np.int64)
+    jittered_size = per_group.sum(axis=1) * rng.uniform(0.5, 1.5, len(names))
+    for g in np.argsort(-jittered_size, kind="stable"):
+        # the fold this group's classes are scarcest in (ties: the first, in a shuffled order)
+        order = rng.permutation(k)
+        load = (counts[order] * weight * (per_group[g] > 0)).sum(axis=1)
+        group_fold[g] = order[int(np.argmin(load))]
+        counts[group_fold[g]] += per_group[g]
+    return group_fold[group_of]

@@ -10,6 +10,7 @@ _EXPORTS = {
     **dict.fromkeys(("Diverged", "EpochCallback", "Evaluation", "FitResult", "TrainConfig",
                      "evaluate", "train_one_epoch"), "imgcls.train.engine"),
     **dict.fromkeys(("Trainer", "fit"), "imgcls.train.trainer"),
+    "FoldTrainer": "imgcls.train.folds",
     **dict.fromkeys(("build_loss", "class_weights", "l2_penalty", "penalized_weights"),
                     "imgcls.train.losses"),
     **dict.fromkeys(("OPTIMIZERS", "build_optimizer", "trainable_parameters"),

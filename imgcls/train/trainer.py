@@ -56,14 +56,21 @@ class Trainer:
 
     `model` is trained in place; `accel` moves it to the batches' device first (in its memory
     format) and says how it trains there, and without it the model trains as it is, in float32.
+
+    Each epoch is evaluated on `val`, and the trainer selects: it keeps the best epoch's weights
+    and stops early on `config.monitor`. With `select=False` it evaluates but leaves selection
+    to its caller (a member of a cross-validated trial: the folds' mean decides); without `val`
+    it only trains (a model refit on every image, for as many epochs as validation chose).
     """
 
-    def __init__(self, model: nn.Module, train: Batches, val: Batches, config: TrainConfig,
-                 num_classes: int, *, accel: Acceleration | None = None) -> None:
+    def __init__(self, model: nn.Module, train: Batches, val: Batches | None,
+                 config: TrainConfig, num_classes: int, *, accel: Acceleration | None = None,
+                 select: bool = True) -> None:
         if len(train) == 0:
             raise DataError("the training split has no images: there is nothing to train on")
         self.model, self.train, self.val = model, train, val
         self.config, self.num_classes = config, num_classes
+        self.select = select and val is not None
         self.accel = accel or Acceleration(train.device)
         self.step_model = self.accel.prepare(model)  # shares model's parameters
         self.scaler = self.accel.grad_scaler()
@@ -80,6 +87,7 @@ class Trainer:
         self.best_metrics: dict[str, float] = {}
         self.best_weights: dict[str, torch.Tensor] | None = None  # on the CPU
         self.best_evaluation: Evaluation | None = None
+        self.evaluation: Evaluation | None = None  # the last epoch's (not kept in the state)
         self.stop_reason: str | None = None  # early_stopping, or what a caller stopped it for
         self.seconds = 0.0  # spent in step(), over every run that trained this state
 
@@ -100,20 +108,26 @@ class Trainer:
                                   scaler=self.scaler)
         if not math.isfinite(metrics["train_loss"]):
             raise Diverged(epoch)
-        evaluation = evaluate(self.step_model, self.val, self.num_classes, accel=self.accel)
-        metrics.update(evaluation.metrics)
+        if self.val is not None:
+            self.evaluation = evaluate(self.step_model, self.val, self.num_classes,
+                                       accel=self.accel)
+            metrics.update(self.evaluation.metrics)
         self.history.append({"epoch": epoch, **metrics})
+        if self.select:
+            self._select(epoch, metrics)
+        self.epoch = epoch
+        self.seconds += time.perf_counter() - started
+        return metrics
+
+    def _select(self, epoch: int, metrics: Mapping[str, float]) -> None:
         decision = self.stopper.update(epoch, metrics[self.config.monitor])
         if decision.improved:
             self.best_weights = {k: v.detach().to("cpu", copy=True)
                                  for k, v in self.model.state_dict().items()}
             self.best_epoch, self.best_metrics = epoch, dict(metrics)
-            self.best_evaluation = evaluation
+            self.best_evaluation = self.evaluation
         if decision.stop:
             self.stop_reason = "early_stopping"
-        self.epoch = epoch
-        self.seconds += time.perf_counter() - started
-        return metrics
 
     def stop(self, reason: str) -> None:
         """End the training after this epoch, for `reason` (a pruner's verdict)."""
