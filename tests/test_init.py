@@ -62,6 +62,23 @@ def test_a_folder_gets_a_study_that_search_runs_as_it_is(tmp_path: Path) -> None
     assert "2 complete" in result.output
 
 
+def test_small_data_is_offered_cross_validation_and_a_larger_set_is_not(tmp_path: Path) -> None:
+    small = make_image_folder(tmp_path / "small", per_class=12, size=40)
+    output = init(str(small))
+    assert "folds: 5 offered" in output
+    text = Path("small.yaml").read_text()
+    assert "# folds: 5\n" in text and load_study("small.yaml").folds == 0  # offered, not set
+    Path("small.yaml").write_text(text.replace("# folds: 5\n", "folds: 5\n"))
+    assert load_study("small.yaml").folds == 5  # uncommented, it is a setting search takes
+
+    from hpo.config.draft import SMALL_DATA
+
+    large = grayscale_folder(tmp_path / "large", {"a": SMALL_DATA // 2, "b": SMALL_DATA // 2},
+                             size=32)
+    assert "folds" not in init(str(large), "--name", "large")
+    assert "folds" not in Path("large.yaml").read_text()
+
+
 def test_imbalanced_grayscale_images_get_one_channel_weights_and_a_threshold(
         tmp_path: Path) -> None:
     data = grayscale_folder(tmp_path / "xrays", {"health": 30, "tb": 6})

@@ -470,9 +470,10 @@ def test_ctrl_c_stops_the_workers_and_their_trials_end_interrupted(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     trials = _journal_study(store).trials  # paused: RUNNING, to be taken up by the next search
+    ended = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
     assert trials and all(t.state == TrialState.RUNNING and t.user_attrs["resumable"]
-                          for t in trials)
-    assert {t.user_attrs["fail_reason"] for t in trials} == {"interrupted"}
+                          for t in trials), ended
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"interrupted"}, ended
     runs = _trial_runs(store)
     assert runs and {r.info.status for r in runs} == {"KILLED"}
     tracker = Tracker(store.tracking_uri)

@@ -28,6 +28,7 @@ class TrialRow:
     number: int
     state: TrialState  # COMPLETE or PRUNED
     value: float  # the objective at the trial's best epoch (best_<objective>)
+    value_std: float | None  # its deviation over the folds of a cross-validated trial
     params: dict[str, Scalar]  # the searched hyperparameters
     test: float | None  # the objective's test counterpart (val_f1 -> test_f1); None: no test split
     test_ci: tuple[float, float] | None  # its bootstrap confidence interval (low, high)
@@ -72,6 +73,7 @@ def trials_table(record: StudyRecord, top: int = 10) -> TrialsTable:
             if f"{test}_ci_low" in m and f"{test}_ci_high" in m else None
         rows.append(TrialRow(
             number=trial.number, state=trial.state, value=m[record.objective_key],
+            value_std=m.get(f"{record.objective_key}_std"),
             params={k: trial.params[k] for k in record.searched if k in trial.params},
             test=m.get(test), test_ci=ci, threshold=m.get("threshold"),
             params_count=_int(m.get("params_count")), flops=_int(m.get("flops")),

@@ -124,6 +124,10 @@ def search(
         help="How a two-class model picks its class: the most probable (argmax), or a "
              "threshold chosen on validation: Youden's J, or a sensitivity or specificity "
              "to reach, e.g. sens=0.95."),
+    folds: int | None = typer.Option(
+        None, "--folds", metavar="K", min=0, max=20,
+        help="Cross-validate each trial on K folds of the train and val images (small data "
+             "sets): its value is the folds' mean, its model refit on all of them; 0: off."),
     skip_bad_images: bool = typer.Option(
         False, "--skip-bad-images",
         help="Leave out unreadable files and placeholders (listed in the study run) instead of "
@@ -184,7 +188,7 @@ def search(
     overrides: dict[str, Any] = {
         "trials": trials, "max_epochs": max_epochs, "patience": patience, "seed": seed,
         "objective": (objective[0] if len(objective) == 1 else objective) if objective else None,
-        "operating_point": operating_point,
+        "operating_point": operating_point, "folds": folds,
         "sampler": sampler, "pruner": pruner, "gpus": gpus,
         "trials_per_gpu": trials_per_gpu, "workers": workers, "backend": backend,
         "ray_address": ray_address,
@@ -546,7 +550,9 @@ def results(
         test = "-" if row.test is None else f"{row.test:.3f}"
         if row.test_ci is not None:
             test += f" [{row.test_ci[0]:.2f}, {row.test_ci[1]:.2f}]"
-        view.add_row(str(row.number), row.state, f"{row.value:.4f}",
+        value = f"{row.value:.4f}" + (f" ± {row.value_std:.3f}" if row.value_std is not None
+                                      else "")  # ± the folds' deviation
+        view.add_row(str(row.number), row.state, value,
                      *(format_value(row.params.get(name, "")) for name in table.searched), test,
                      *([f"{row.threshold:.3f}" if row.threshold is not None else "-"]
                        if thresholds else []),

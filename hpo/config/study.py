@@ -59,6 +59,11 @@ class StudySpec(BaseModel):
     # How a two-class model picks its class: argmax, youden, or a target such as sens=0.95 /
     # spec=0.9, the threshold chosen on validation at each trial's best epoch (imgcls.metrics)
     operating_point: str = "argmax"
+    # Cross-validation for small data sets: K >= 2 trains every trial on K folds of the train
+    # and validation images together, its value being the folds' mean (the deviation logged
+    # beside it), and refits its model on all of them for the test split; 0: one train/val
+    # split (imgcls.train.folds)
+    folds: int = Field(0, ge=0, le=20)
     trials: int = Field(20, ge=1)  # finished trials wanted in total, over every run of `search`
     max_epochs: int = Field(10, ge=1)
     patience: int | None = Field(3, ge=1)  # None: never stop early
@@ -148,6 +153,16 @@ class StudySpec(BaseModel):
         if not can_download(self.weights_dir):
             for arch in self.missing_weights():
                 weights_file(arch, self.weights_dir)  # raises, naming the file and the URL
+        return self
+
+    @model_validator(mode="after")
+    def _folds_can_run(self) -> StudySpec:
+        if self.folds == 1:
+            raise ValueError("folds 1 is not cross-validation: give 2 or more, or 0 for one "
+                             "train/val split")
+        if self.folds and self.pruner == "pbt":
+            raise ValueError("folds and pruner 'pbt' do not go together: PBT exploits one "
+                             "trial's weights, and a cross-validated trial has one per fold")
         return self
 
     def missing_weights(self) -> list[str]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from imgcls.data.batches import Batches
+from imgcls.data.split import Split
 from imgcls.metrics import (
     OperatingPoint,
     Reliability,
@@ -51,8 +52,8 @@ if TYPE_CHECKING:
 EVAL_BATCH_SIZE = 256  # evaluation keeps no activations for backward: larger batches are cheap
 
 
-def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Module,
-           run: TrialRun | None) -> dict[str, float]:
+def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Module | None,
+           run: TrialRun | None, validated: Split | None = None) -> dict[str, float]:
     """The trial's summary metrics (best_<objective>, best_epoch, epochs, min_val_loss, test_*
     with intervals, the temperature and the operating point's threshold, calibration before
     and after), logged to `run`, whose figures and reports are queued on the context's
@@ -60,9 +61,14 @@ def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Modu
     test_* metric exists.
 
     The probabilities are temperature-scaled first (fitted on validation), as the promoted
-    model serves them; the threshold is chosen on those, and test metrics are taken on them."""
+    model serves them; the threshold is chosen on those, and test metrics are taken on them.
+
+    `validated`: the split whose val images the best evaluation predicted, when not the data's
+    own (cross-validation: every train and val image, out of fold). Without a `model` (a
+    cross-validated trial pruned before its refit) the test split is not evaluated."""
     data, objective = ctx.data, ctx.spec.objective
-    held_out = "test" if len(data.split.indices("test")) else "val"
+    validated = validated or data.split
+    held_out = "test" if len(data.split.indices("test")) and model is not None else "val"
     raw_val, scores = result.best_evaluation, {}
     temperature, threshold, val = 1.0, None, None
     if raw_val is not None:  # None only when no epoch was evaluated
@@ -72,6 +78,7 @@ def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Modu
         val = decided(val, threshold)
     evaluation, raw = val, raw_val
     if held_out == "test":
+        assert model is not None
         batches = data.batches("test", EVAL_BATCH_SIZE, device=ctx.device,
                                resident=ctx.images_on_device)
         raw = evaluate(model, batches, data.num_classes, prefix="test", accel=ctx.acceleration)
@@ -82,6 +89,8 @@ def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Modu
     summary = {f"best_{objective}": result.best_metrics[objective],
                "best_epoch": result.best_epoch, "epochs": result.epochs, **scores,
                "temperature": temperature}
+    if f"{objective}_std" in result.best_metrics:  # cross-validated: the folds' deviation
+        summary[f"best_{objective}_std"] = result.best_metrics[f"{objective}_std"]
     for split, before, after in (("val", raw_val, val), ("test", raw, evaluation)):
         if before is not None and after is not None and (split == "val" or held_out == "test"):
             summary.update(calibration_scores(after.y_true, after.probs, split))
@@ -97,7 +106,7 @@ def assess(ctx: StudyContext, seed: int, result: FitResult, model: torch.nn.Modu
                     f"after (T = {temperature:.2f})": reliability(evaluation.y_true,
                                                                   evaluation.probs)}
         ctx.artifacts.submit(lambda: record_reports(ctx, run, result, evaluation, held_out,
-                                                    val, reliable))
+                                                    val, reliable, validated))
     return summary
 
 
@@ -119,10 +128,16 @@ def operating_threshold(ctx: StudyContext, val: Evaluation) -> float | None:
 
 def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluation: Evaluation,
                    held_out: str, best_val: Evaluation | None = None,
-                   reliable: Mapping[str, Reliability] | None = None) -> None:
+                   reliable: Mapping[str, Reliability] | None = None,
+                   validated: Split | None = None) -> None:
     """Curves, confusion matrices, ROC, classification report and per-image predictions, into
-    one folder logged to `run` at once."""
+    one folder logged to `run` at once. `validated`: as `assess` says."""
     data, objective = ctx.data, ctx.spec.objective
+    split = validated or data.split
+    weights = f"weights of epoch {result.best_epoch}"
+    if validated is not None:  # cross-validated: the refit model, or the folds' predictions
+        weights = (f"refit on train+val for {result.best_epoch} epochs" if held_out == "test"
+                   else f"out of fold, epoch {result.best_epoch}")
     classes = list(data.classes)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -134,22 +149,22 @@ def record_reports(ctx: StudyContext, run: TrialRun, result: FitResult, evaluati
             figures["confusion_matrix_val.png"] = plot_confusion_matrix(matrix, classes, title)
         if held_out == "test":
             matrix = confusion_matrix(evaluation.y_true, evaluation.y_pred, data.num_classes)
-            title = f"test, weights of epoch {result.best_epoch}"
+            title = f"test, {weights}"
             figures["confusion_matrix_test.png"] = plot_confusion_matrix(matrix, classes, title)
         figures[f"roc_{held_out}.png"] = plot_roc(evaluation.y_true, evaluation.probs, classes)
         if reliable:
             figures[f"reliability_{held_out}.png"] = plot_reliability(
-                reliable, title=f"{held_out} split, weights of epoch {result.best_epoch}")
+                reliable, title=f"{held_out} split, {weights}")
         for name, figure in figures.items():
             figure.savefig(out / name)
         text, report = classification_report(evaluation.y_true, evaluation.probs, classes)
         (out / f"classification_report_{held_out}.txt").write_text(text)
         (out / f"classification_report_{held_out}.json").write_text(json.dumps(report, indent=2))
-        ids = [data.catalog.ids[i] for i in data.split.indices(held_out)]
+        ids = [data.catalog.ids[i] for i in split.indices(held_out)]
         write_predictions(out / f"predictions_{held_out}.csv", ids, evaluation.probs, classes,
                           labels=evaluation.y_true)
         if held_out == "test" and best_val is not None:  # what an ensemble's threshold needs
-            ids = [data.catalog.ids[i] for i in data.split.indices("val")]
+            ids = [data.catalog.ids[i] for i in split.indices("val")]
             write_predictions(out / "predictions_val.csv", ids, best_val.probs, classes,
                               labels=best_val.y_true)
         run.log_artifacts(out)

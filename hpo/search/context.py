@@ -13,6 +13,7 @@ from hpo.search.artifacts import ArtifactWriter, Inline
 from hpo.search.checkpoints import Checkpoints, WriteSpeed
 from hpo.tracking.client import Tracker
 from imgcls.data.prepare import PreparedData
+from imgcls.data.split import Split, fold_splits
 from imgcls.train.accel import Acceleration, fits_on_device
 
 
@@ -45,6 +46,14 @@ class StudyContext:
         share = self.spec.device_cache / self.spec.trials_per_gpu
         return fits_on_device(self.data.images.nbytes, self.device, share)
 
+    @cached_property
+    def folds(self) -> list[Split]:
+        """The study's cross-validation folds (none without `folds`); whole groups go to one
+        fold when the data is split by group."""
+        if not self.spec.folds:
+            return []
+        return study_folds(self.spec, self.data)
+
     def trial_settings(self, number: int) -> dict[str, Any]:
         """The fixed settings a trial logs beside its hyperparameters."""
         spec, data = self.spec, self.data.config
@@ -56,8 +65,14 @@ class StudyContext:
             "normalize": data.normalize, "num_classes": self.data.num_classes,
             "device": str(self.device), "precision": accel.precision,
             "channels_last": accel.channels_last, "compile": accel.compile,
-            "images_on_device": self.images_on_device,
+            "images_on_device": self.images_on_device, "folds": spec.folds,
         }
+
+
+def study_folds(spec: StudySpec, data: PreparedData) -> list[Split]:
+    """The K folds of a study's train and validation images (DataError when K is too many)."""
+    return fold_splits(data.split, data.catalog.labels, data.classes, spec.folds, spec.seed,
+                       grouped=data.config.split == "group")
 
 
 def trial_seed(study_seed: int, number: int) -> int:

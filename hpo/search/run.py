@@ -21,7 +21,7 @@ from hpo.search.artifacts import ArtifactWriter
 from hpo.search.backends import Backend, get_backend
 from hpo.search.backends.base import STUDY_RUN_ATTR, BackendStudy
 from hpo.search.checkpoints import Checkpoints
-from hpo.search.context import StudyContext
+from hpo.search.context import StudyContext, study_folds
 from hpo.search.devices import apply_slot, plan_slots
 from hpo.search.events import NullObserver, SearchObserver
 from hpo.tracking.client import Tracker
@@ -66,6 +66,8 @@ def prepare_search(spec: StudySpec, store: Store, data_progress: Progress | None
     data = prepare_data(spec.data, spec.seed, store.cache_dir, data_progress)
     check_objective(spec.objective, data.num_classes)  # val_sens: binary tasks only
     check_operating_point(spec.operating_point, data.num_classes)  # a threshold: the same
+    if spec.folds:
+        study_folds(spec, data)  # too many folds for a class: one line now, not in each trial
     store.create()  # after the data is known to be usable: bad input leaves nothing behind
     return backend, device, data
 

@@ -36,10 +36,12 @@ from hpo.tracking.models import log_weights
 from hpo.tracking.runs import TrialRun, logged_epochs, reopen_trial, start_trial
 from hpo.tracking.tags import TAG_EXPLOIT
 from imgcls.data.augment import Augment
+from imgcls.data.prepare import PreparedData
 from imgcls.errors import ImgclsError, first_line
 from imgcls.models.build import build_model
 from imgcls.profile import profile_model
 from imgcls.train.engine import Diverged, TrainConfig
+from imgcls.train.folds import FoldTrainer
 from imgcls.train.runtime import seed_everything
 from imgcls.train.trainer import Trainer
 
@@ -87,7 +89,7 @@ class TrialRunner:
         self.seed = trial_seed(ctx.spec.seed, number)
         self.hp: HParams | None = None
         self.run: TrialRun | None = None
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | FoldTrainer | None = None
         self.cost: dict[str, float] = {}  # the model's params_count, flops, macs
         self.logged = 0  # the epochs the trial's run holds
         self.pruned = False
@@ -107,20 +109,15 @@ class TrialRunner:
         self.hp = spec.trial_params(self.outcome.params)
         self.outcome.params = self.hp.model_dump()
         seed_everything(self.seed)
-        model = build_model(self.hp.arch, data.num_classes, data.in_channels, self.hp.dropout,
-                            data.config.image_size, pretrained=self.hp.pretrained,
-                            freeze=self.hp.freeze, weights_dir=spec.weights_dir)
+        model = self._model()
         profile = profile_model(model, self.hp.arch, data.in_channels, data.config.image_size)
         self.cost = {"params_count": float(profile.params), "flops": float(profile.flops),
                      "macs": float(profile.macs)}
-        accel, resident = self.ctx.acceleration, self.ctx.images_on_device
-        train = data.batches("train", self.hp.batch_size, augment=given(self.hp, Augment),
-                             seed=self.seed, device=self.ctx.device, resident=resident)
-        val = data.batches("val", max(self.hp.batch_size, EVAL_BATCH_SIZE),
-                           device=self.ctx.device, resident=resident)
         config = given(self.hp, TrainConfig, max_epochs=spec.max_epochs,
                        patience=spec.patience, monitor=spec.objective)
-        self.trainer = Trainer(model, train, val, config, data.num_classes, accel=accel)
+        self.trainer = (self._fold_trainer(model, config) if self.ctx.folds
+                        else self._trainer(model, data, config))
+        accel = self.ctx.acceleration
         why = self._why_not(checkpoint) if checkpoint is not None else None
         if checkpoint is not None and why is None:
             self.trainer.load_state_dict(checkpoint["trainer"])
@@ -131,6 +128,43 @@ class TrialRunner:
         for h in self.trainer.history:  # trained, checkpointed, but not logged before the stop
             self._log_epoch(int(h["epoch"]), h)
         return why
+
+    def _trainer(self, model: torch.nn.Module, data: PreparedData, config: TrainConfig, *,
+                 validate: bool = True, select: bool = True) -> Trainer:
+        """A trainer of `model` on `data`'s training split, validated on its val split (or not
+        at all: a model refit on train and val together)."""
+        assert self.hp is not None
+        resident, device = self.ctx.images_on_device, self.ctx.device
+        train = data.batches("train", self.hp.batch_size, augment=given(self.hp, Augment),
+                             seed=self.seed, device=device, resident=resident)
+        val = (data.batches("val", max(self.hp.batch_size, EVAL_BATCH_SIZE), device=device,
+                            resident=resident) if validate else None)
+        return Trainer(model, train, val, config, data.num_classes,
+                       accel=self.ctx.acceleration, select=select)
+
+    def _model(self) -> torch.nn.Module:
+        assert self.hp is not None
+        data = self.ctx.data
+        return build_model(self.hp.arch, data.num_classes, data.in_channels, self.hp.dropout,
+                           data.config.image_size, pretrained=self.hp.pretrained,
+                           freeze=self.hp.freeze, weights_dir=self.ctx.spec.weights_dir)
+
+    def _fold_trainer(self, model: torch.nn.Module, config: TrainConfig) -> FoldTrainer:
+        """The study's folds trained together (the first on `model`, each other on a model
+        built the same way), and the refit of a model on all their images: built, seeded as
+        the trial, only when the folds have chosen how many epochs it trains."""
+        data = self.ctx.data
+        members = [self._trainer(model if i == 0 else self._model(),
+                                 dataclasses.replace(data, split=fold), config, select=False)
+                   for i, fold in enumerate(self.ctx.folds)]
+
+        def refit() -> Trainer:
+            seed_everything(self.seed)
+            every = dataclasses.replace(data, split=data.split.pooled("train"))
+            return self._trainer(self._model(), every, config, validate=False)
+
+        return FoldTrainer(members, [fold.indices("val") for fold in self.ctx.folds], config,
+                           refit)
 
     def step(self) -> dict[str, float]:
         """Train one epoch; checkpoint it when due (into the study's checkpoints, where the
@@ -217,7 +251,8 @@ class TrialRunner:
         outcome.state = TrialState.PRUNED if self.pruned else TrialState.COMPLETE
         if self.run is not None:
             self.run.log_metrics(spent)
-        summary = assess(self.ctx, self.seed, result, self.trainer.model, self.run)
+        validated = self.ctx.data.split.pooled("val") if self.ctx.folds else None  # out of fold
+        summary = assess(self.ctx, self.seed, result, self.trainer.model, self.run, validated)
         outcome.metrics = {**self.cost, **spent, **summary}
         if self.run is not None:
             if self.pruned:
@@ -258,7 +293,7 @@ class TrialRunner:
                 "seed": self.seed, "data": data.catalog.fingerprint,
                 "image_size": data.config.image_size, "channels": data.config.channels,
                 "max_epochs": spec.max_epochs, "patience": spec.patience,
-                "objective": spec.objective}
+                "objective": spec.objective, "folds": spec.folds}
 
     def checkpoint(self) -> dict[str, Any]:
         """The trial's whole state: what it is, its run, and its trainer's state."""
