@@ -48,10 +48,12 @@ EPOCH_METRICS: dict[str, Direction] = {
         "val_spec", "val_auc")
 }
 # Logged every epoch besides those: each trial's last value describes its last epoch only.
-EPOCH_LOGGED = frozenset({*EPOCH_METRICS, "lr", "train_images_per_s", "data_wait_frac"})
 # What a study may optimize and early stopping may watch: validation metrics only, since the
 # training metrics reward memorisation and the test split never drives selection.
 OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m.startswith("val_"))
+# (A cross-validated trial logs each validation metric's deviation over its folds too.)
+EPOCH_LOGGED = frozenset({*EPOCH_METRICS, *(f"{m}_std" for m in OBJECTIVE_METRICS), "lr",
+                          "train_images_per_s", "data_wait_frac"})
 # Sensitivity and specificity need one positive class: only a two-class task reports them.
 BINARY_ONLY = frozenset({"sens", "spec"})
 
