@@ -17,7 +17,7 @@ from hpo.cli import app
 from hpo.config.study import StudyError, load_study
 from hpo.config.trial import TrialState
 from hpo.search.context import StudyContext
-from hpo.search.trial import run_trial
+from hpo.search.trial import TrialRunner, run_trial
 from imgcls.data.config import DataConfig
 from imgcls.data.prepare import prepare_data
 from imgcls.data.sources import Catalog
@@ -237,6 +237,11 @@ def test_an_interrupted_cross_validated_trial_goes_on_from_its_checkpoint(
     monkeypatch.setattr(FoldTrainer, "step", interrupted_at_the_second)
     with pytest.raises(KeyboardInterrupt):
         run_trial(ctx, 0, sampled)
+    checkpoint, _ = ctx.checkpoints.load(0)
+    for other in (0, 2):  # a checkpoint of 3 folds is not one of 2, nor of one split
+        spec_other = load_study("digits", {"folds": other, "max_epochs": 3})
+        runner = TrialRunner(StudyContext(spec_other, digits, torch.device("cpu")), 0, sampled)
+        assert runner.begin(checkpoint) == "its checkpoint was written for another folds"
     resumes: list[tuple[int, int, str | None]] = []
     again = run_trial(ctx, 0, sampled, resumed=True,
                       on_resume=lambda *args: resumes.append(args))

@@ -53,6 +53,9 @@ Resumed = Callable[[int, int, str | None], None]  # (trial, epochs done, why it 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1  # of the checkpoint around the trainer's state
+# What a checkpoint's identity gained since that format, and the value one without it was
+# written for (so that an upgrade does not start every paused trial over)
+IDENTITY_ADDED = {"folds": 0}
 
 Config = TypeVar("Config")
 
@@ -305,7 +308,7 @@ class TrialRunner:
     def _why_not(self, checkpoint: Mapping[str, Any]) -> str | None:
         if checkpoint.get("format") != CHECKPOINT_FORMAT or "trainer" not in checkpoint:
             return "its checkpoint was written by another version"
-        recorded = checkpoint.get("trial", {})
+        recorded = {**IDENTITY_ADDED, **checkpoint.get("trial", {})}
         for key, value in self.identity().items():
             if recorded.get(key) != value:
                 return f"its checkpoint was written for another {key}"

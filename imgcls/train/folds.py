@@ -135,7 +135,8 @@ class FoldTrainer:
                 "history": [dict(h) for h in self.history], "best": best}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != FOLDS_FORMAT or len(state["members"]) != len(self.members):
+        if state.get("format") != FOLDS_FORMAT or \
+                len(state.get("members", ())) != len(self.members):
             raise ValueError(f"a cross-validation state of format {state.get('format')!r} "
                              f"and {len(state.get('members', ()))} folds, not "
                              f"{FOLDS_FORMAT} and {len(self.members)}")
