@@ -17,7 +17,7 @@ intervals printed beside each score say how much a test split of this size can t
 
 Run from the repo root: python benchmarks/folds.py [--data ../shared/datasets/hymenoptera]
 [--seeds 3] [--folds 5] [--trials 6] [--max-epochs 10]. Cost on 2 cores with the defaults:
-about 20 minutes (a seed: under a minute without folds, 3 to 10 with).
+about 15 minutes (a seed: under a minute without folds, 3 to 5 with).
 """
 
 from __future__ import annotations
