@@ -4,6 +4,7 @@ of them at once and judged by their mean, its model refit on every image for the
 from __future__ import annotations
 
 import csv
+import importlib
 from collections import Counter
 from pathlib import Path
 
@@ -252,7 +253,9 @@ def test_an_interrupted_cross_validated_trial_goes_on_from_its_checkpoint(
 
 
 def test_search_with_folds_logs_fold_means_and_deviations_and_tests_the_refit_model(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cli_app = importlib.import_module("hpo.cli.app")  # the module (hpo.cli.app is the Typer)
+
     store = tmp_path / "store"
     done = runner.invoke(app, ["search", "digits", "--folds", "3", "--trials", "2",
                                "--max-epochs", "2", "--pruner", "none", "--store", str(store)])
@@ -278,8 +281,8 @@ def test_search_with_folds_logs_fold_means_and_deviations_and_tests_the_refit_mo
         assert len(rows) == pool
         with open(folder / "predictions_test.csv") as f:
             assert len(list(csv.DictReader(f))) == data.split.indices("test").size
-    shown = runner.invoke(app, ["results", "digits", "--store", str(store)],
-                          env={"COLUMNS": "300"})
+    monkeypatch.setattr(cli_app.console, "width", 300)  # the whole table, on one line a row
+    shown = runner.invoke(app, ["results", "digits", "--store", str(store)])
     assert shown.exit_code == 0, shown.output
     best = max(trials, key=lambda r: r.data.metrics["best_val_f1"]).data.metrics
     assert f"{best['best_val_f1']:.4f} ± {best['best_val_f1_std']:.3f}" in shown.output
