@@ -120,13 +120,12 @@ class TrialRunner:
                        patience=spec.patience, monitor=spec.objective)
         self.trainer = (self._fold_trainer(model, config) if self.ctx.folds
                         else self._trainer(model, data, config))
-        accel = self.ctx.acceleration
         why = self._why_not(checkpoint) if checkpoint is not None else None
         if checkpoint is not None and why is None:
             self.trainer.load_state_dict(checkpoint["trainer"])
             run_id = checkpoint["trial"].get("run_id")
         self.policy.since = self.trainer.seconds
-        accel.reset_peak_memory()
+        self.ctx.acceleration.reset_peak_memory()
         self._open_run(run_id, again=again or checkpoint is not None)
         for h in self.trainer.history:  # trained, checkpointed, but not logged before the stop
             self._log_epoch(int(h["epoch"]), h)
