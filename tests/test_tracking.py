@@ -145,3 +145,19 @@ def test_machines_that_began_a_study_at_once_settle_on_one_study_run(tracker: Tr
     start_trial(tracker, experiment, mine[0], "tiny", 0, {"lr": 0.05})
     later = tracker.client.create_run(experiment, run_name="tiny", tags=tags, start_time=2000)
     assert settle_study_run(tracker, experiment, "tiny", later.info.run_id) == later.info.run_id
+
+
+def test_a_machine_that_settles_after_its_rival_began_a_trial_joins_the_rival_s_run(
+        tracker: Tracker) -> None:
+    """Both found no study run; the first recorded its run in the trial storage and started a
+    trial before the second settled: the second yields to the recorded run, not keeping its
+    own beside it."""
+    experiment = tracker.experiment("tiny")
+    tags = {"imgcls_hpo.role": "study", "imgcls_hpo.study": "tiny"}
+    first = tracker.client.create_run(experiment, run_name="tiny", tags=tags, start_time=1000)
+    start_trial(tracker, experiment, first.info.run_id, "tiny", 0, {"lr": 0.05})
+    second = tracker.client.create_run(experiment, run_name="tiny", tags=tags, start_time=1001)
+    settled = settle_study_run(tracker, experiment, "tiny", second.info.run_id,
+                               lambda: first.info.run_id)
+    assert settled == first.info.run_id
+    assert tracker.client.get_run(second.info.run_id).info.lifecycle_stage == "deleted"

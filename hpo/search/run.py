@@ -85,7 +85,8 @@ def run_search(spec: StudySpec, store: Store, observer: SearchObserver | None = 
         _check_same_study(spec, store, study, tracker, experiment_id)
         store.record_study(spec.name)
         run_id, changed = open_study_run(tracker, experiment_id, spec.name,
-                                         study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data))
+                                         study.get_attr(STUDY_RUN_ATTR), _study_params(spec, data),
+                                         lambda: study.get_attr(STUDY_RUN_ATTR))
         study.set_attr(STUDY_RUN_ATTR, run_id)
     tracker.set_tags(run_id, {"imgcls_hpo.trials_target": spec.trials,
                               "imgcls_hpo.backend": backend.name,

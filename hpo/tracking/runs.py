@@ -14,7 +14,7 @@ Layout (a contract other commands and users rely on):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,16 +45,20 @@ MAX_TRIAL_RUNS = 50_000  # a study's trial runs read in one query
 
 
 def open_study_run(tracker: Tracker, experiment_id: str, study: str, run_id: str | None,
-                   params: Mapping[str, str]) -> tuple[str, list[str]]:
+                   params: Mapping[str, str],
+                   claimed: Callable[[], str | None] | None = None) -> tuple[str, list[str]]:
     """Resume the study's run, or start it. Returns the run id and the settings whose value
-    differs from the one the run recorded first (MLflow params are write-once)."""
+    differs from the one the run recorded first (MLflow params are write-once).
+
+    `run_id`, and `claimed()` when asked again: the run the study's trial storage records
+    (see settle_study_run)."""
     run_id = tracker.find_run(run_id, experiment_id)
     if run_id is None:
         run = tracker.client.create_run(
             experiment_id, run_name=study, tags={TAG_ROLE: "study", TAG_STUDY: study}
         )
         tracker.log_params(run.info.run_id, params)
-        run_id = settle_study_run(tracker, experiment_id, study, run.info.run_id)
+        run_id = settle_study_run(tracker, experiment_id, study, run.info.run_id, claimed)
         if run_id == run.info.run_id:
             return run_id, []
     tracker.client.update_run(run_id, status="RUNNING")
@@ -64,18 +68,27 @@ def open_study_run(tracker: Tracker, experiment_id: str, study: str, run_id: str
     return run_id, changed
 
 
-def settle_study_run(tracker: Tracker, experiment_id: str, study: str, mine: str) -> str:
+def settle_study_run(tracker: Tracker, experiment_id: str, study: str, mine: str,
+                     claimed: Callable[[], str | None] | None = None) -> str:
     """The one study run of a study that processes on several machines began at the same
     moment, each creating its own (`mine`) because none existed yet: of the study's runs that
     hold no trial yet, the earliest (start time, then id) is kept, the same one for every
     process, and a process whose run lost deletes it. A study run that holds trials is an
-    earlier search's, never a rival."""
+    earlier search's, never a rival.
+
+    Unless the study's trial storage has recorded a run by now (`claimed()`, asked after the
+    runs are read): a process that records its run does so before its first trial, so a run
+    that holds trials and is recorded there is a rival that got further, not an earlier
+    search's, and it is the one kept."""
     runs = tracker.client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study}'")
     rivals = [r for r in runs if r.info.run_id == mine
               or not trial_runs(tracker, experiment_id, r.info.run_id, superseded=True)]
     winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    recorded = tracker.find_run(claimed(), experiment_id) if claimed is not None else None
+    if recorded is not None:
+        winner = recorded
     if winner != mine:
         tracker.client.delete_run(mine)
     return winner
